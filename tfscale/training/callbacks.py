@@ -1,0 +1,75 @@
+"""Keras callbacks for training at scale: throughput (images/s) per epoch."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import keras
+
+
+class ThroughputCallback(keras.callbacks.Callback):
+    """Measures training throughput in images/s for every epoch and adds it to the epoch logs.
+
+    The figure is `steps_run × global_batch_size / seconds`, where seconds is the wall time from the first to the
+    last training step of the epoch: the start-up of the first step (tracing, the first `tf.data` fill) and the
+    validation pass are excluded, the way the seed papers report images/s. It is written to `logs` as
+    `images_per_second` (so `History`, `TensorBoard` and the progress bar see it) together with `epoch_seconds`
+    (the whole epoch, validation included).
+
+    Args:
+        global_batch_size: images per step over all replicas, an `int`, or a callable `epoch -> int` when the
+            global batch changes during training (batch-size control, Mikami et al., arXiv:1811.05233).
+        skip_first_step: if True (default), time from the end of the first step of each epoch, so graph tracing
+            and pipeline warm-up do not count; the first step's images are then not counted either.
+
+    Raises:
+        ValueError: if `global_batch_size` is an int < 1.
+
+    Example:
+        >>> cb = ThroughputCallback(global_batch_size=256)
+        >>> model.fit(ds, epochs=2, callbacks=[cb])  # doctest: +SKIP
+        >>> cb.images_per_second  # one float per epoch  # doctest: +SKIP
+    """
+
+    def __init__(self, global_batch_size: int | Callable[[int], int], skip_first_step: bool = True):
+        super().__init__()
+        if isinstance(global_batch_size, int) and global_batch_size < 1:
+            raise ValueError(
+                "Argument `global_batch_size` must be >= 1. Received: global_batch_size="
+                f"{global_batch_size}"
+            )
+        self._batch = global_batch_size
+        self._skip_first = skip_first_step
+        self.images_per_second: list[float] = []
+        self.epoch_seconds: list[float] = []
+
+    def _global_batch(self, epoch):
+        return self._batch(epoch) if callable(self._batch) else self._batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._t0 = None if self._skip_first else self._epoch_start
+        self._t_last = None
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now  # end of the first step: start timing here
+            return
+        self._steps += 1
+        self._t_last = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._t_last is not None and self._t_last > self._t0:
+            ips = self._steps * self._global_batch(epoch) / (self._t_last - self._t0)
+        else:
+            ips = float("nan")  # a one-step epoch has nothing to time once the first step is skipped
+        seconds = time.perf_counter() - self._epoch_start
+        self.images_per_second.append(ips)
+        self.epoch_seconds.append(seconds)
+        if logs is not None:
+            logs["images_per_second"] = ips
+            logs["epoch_seconds"] = seconds
+        print(f"Epoch {epoch + 1}: {ips:,.0f} images/s (training), {seconds:.1f} s (epoch)")
