@@ -36,6 +36,7 @@ setup(
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.0",
+        "tensorboard>=2.16",
         "absl-py>=1.0",
         "numpy>=1.23",
     ],

@@ -1,1 +1,19 @@
-"""tfscale.training."""
+"""tfscale.training: the pieces `scripts/train.py` puts together around Keras `model.fit`.
+
+Callbacks (images/s, BN population statistics), batch-size control (Mikami et al., arXiv:1811.05233) and the
+run's `results.json`.
+"""
+
+from tfscale.training.batch_size_control import BatchSizeSchedule
+from tfscale.training.batch_size_control import fit_with_batch_schedule
+from tfscale.training.bn_statistics import RecomputeBatchNormStatistics
+from tfscale.training.callbacks import ThroughputCallback
+from tfscale.training.results import write_results
+
+__all__ = [
+    "BatchSizeSchedule",
+    "RecomputeBatchNormStatistics",
+    "ThroughputCallback",
+    "fit_with_batch_schedule",
+    "write_results",
+]

@@ -1,0 +1,413 @@
+r"""Trains a ResNet image classifier on ImageNet-format TFRecords across many replicas with Keras `model.fit`.
+
+The main job of tfscale. With no flags it converts the embedded default data set (Fashion-MNIST, from Debian's
+`dataset-fashion-mnist` package) once into ImageNet-format TFRecords under `--data_dir`, then trains a small ResNet on
+4 replicas (logical CPU devices when there is no GPU) with tfscale's 2D-torus all-reduce, and writes
+`results.json` (top-1, top-5, wall seconds, images/s and the full configuration) into `--model_dir`.
+
+The same code path reads real ImageNet records (TPU / Model Garden keys, 1-based labels; `--label_offset=0` for
+TFDS `imagenet2012` records):
+
+  python scripts/train.py --dataset=imagenet --data_dir=/data/imagenet --model=resnet50 \
+      --num_replicas=8 --global_batch_size=2048 --recipe=goyal --epochs=90
+
+A killed run started again with the same `--model_dir` resumes from its last completed epoch (Keras
+`BackupAndRestore`). TensorBoard logs go to `<model_dir>/logs`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+# Per data set: image size, model and the file patterns of the records inside --data_dir.
+_DATASET_DEFAULTS = {
+    "fashion_mnist": {"image_size": 28, "model": "resnet20"},
+    "imagenet": {"image_size": 224, "model": "resnet50"},
+}
+_TRAIN_PATTERN = "train-*"
+_EVAL_PATTERN = "validation-*"
+_OUR_FLAGS: set[str] = set()  # the names define_flags() defines
+
+
+def define_flags():
+    """Defines the command-line flags of the training script (call once, before parsing)."""
+    before = set(FLAGS)
+    # Data.
+    flags.DEFINE_enum("dataset", "fashion_mnist", sorted(_DATASET_DEFAULTS),
+                      "fashion_mnist: the embedded default (converted to TFRecords on first use); "
+                      "imagenet: ImageNet-format TFRecords train-* and validation-* in --data_dir.")
+    flags.DEFINE_string("data_dir", None,
+                        "Directory of the TFRecords. Required for --dataset=imagenet; for fashion_mnist it "
+                        "defaults to data/fashion_mnist and the records are built there on first use.")
+    flags.DEFINE_string("fashion_mnist_source", "/usr/share/datasets/fashion-mnist",
+                        "Where Debian's dataset-fashion-mnist package put the gzipped IDX files.")
+    flags.DEFINE_integer("num_classes", None, "Classes (default: from the records' metadata; 1000 for imagenet "
+                         "records without metadata).")
+    flags.DEFINE_integer("label_offset", 1,
+                         "Subtracted from the stored label: 1 for TPU/Model Garden records (1-based), "
+                         "0 for TFDS imagenet2012 records (0-based).")
+    flags.DEFINE_integer("image_size", None, "Input height and width in pixels (default: 28 for fashion_mnist, "
+                         "224 for imagenet).")
+    flags.DEFINE_enum("train_crop", None, ["inception", "pad_and_crop"],
+                      "Training crop: inception (TPU reference: sampled box + fused decode-and-crop) or "
+                      "pad_and_crop (CIFAR style). Default: pad_and_crop for fashion_mnist, inception for imagenet.")
+    flags.DEFINE_float("min_crop_area", 0.08, "Smallest fraction of the image an inception crop covers.")
+    flags.DEFINE_float("central_fraction", None, "Evaluation centre-crop fraction (default: 1.0 for "
+                       "fashion_mnist, 224/256 = 0.875 for imagenet).")
+    flags.DEFINE_string("tf_data_service", None,
+                        "grpc://host:port of a tf.data service dispatcher to run preprocessing on.")
+    # Model.
+    flags.DEFINE_string("model", None, "Model name (resnet8, resnet20, resnet50, ...; default per data set).")
+    flags.DEFINE_integer("bn_group_size", None,
+                         "Replicas per batch-normalisation group (Ying et al.): 1 = local BN, 0 = all replicas. "
+                         "Unset: Keras's local BatchNormalization.")
+    flags.DEFINE_enum("bn_stats", "moving_average", ["moving_average", "recompute"],
+                      "recompute: recompute BN population statistics after training (Akiba et al.).")
+    flags.DEFINE_integer("bn_stats_batches", 50, "Training batches used by --bn_stats=recompute.")
+    # Distribution.
+    flags.DEFINE_integer("num_replicas", 4, "Replicas (GPUs, or logical CPU devices when there is no GPU).")
+    flags.DEFINE_string("all_reduce", "torus", "Gradient all-reduce algorithm: torus, hierarchical, ring, "
+                        "reduction_to_one_device, hierarchical_copy or collective.")
+    flags.DEFINE_string("grid_shape", None, "Torus grid as ROWSxCOLS, e.g. 2x2 (default: the most square).")
+    flags.DEFINE_integer("devices_per_node", None, "Devices per node for --all_reduce=hierarchical.")
+    flags.DEFINE_integer("bytes_per_pack", 32 * 1024 * 1024, "Tensor-fusion buffer size in bytes.")
+    flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "Wire compression of the all-reduce.")
+    # Optimisation.
+    flags.DEFINE_enum("recipe", None, ["mlperf", "mikami", "akiba", "goyal"],
+                      "Sets a paper's hyperparameters together; flags given explicitly still win.")
+    flags.DEFINE_integer("global_batch_size", 256, "Images per step over all replicas.")
+    flags.DEFINE_string("batch_schedule", None,
+                        "Batch-size control (Mikami et al.): EPOCH:GLOBAL_BATCH,... e.g. 0:4096,10:8192; "
+                        "overrides --global_batch_size.")
+    flags.DEFINE_integer("epochs", 8, "Training epochs.")
+    flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars", "rmsprop_warmup"], "Optimizer.")
+    flags.DEFINE_float("base_lr", 0.1, "Learning rate per 256 images (linear-scaling rule, Goyal et al.); the "
+                       "peak learning rate is base_lr * global_batch_size / 256.")
+    flags.DEFINE_enum("lr_schedule", "warmup_poly", ["warmup_poly", "warmup_piecewise", "slow_start", "constant"],
+                      "Learning-rate schedule.")
+    flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up, in epochs.")
+    flags.DEFINE_float("momentum", 0.9, "Momentum.")
+    flags.DEFINE_float("weight_decay", 5e-5, "Weight decay (not on BN parameters or biases).")
+    flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.")
+    flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing (Szegedy et al.), Keras's loss.")
+    # Run.
+    flags.DEFINE_string("model_dir", "runs/default", "Where checkpoints, TensorBoard logs and results.json go.")
+    flags.DEFINE_integer("steps_per_epoch", None, "Cap on the steps per epoch (default: all training images).")
+    flags.DEFINE_integer("eval_every_epochs", 1, "Evaluate every N epochs (and always at the end).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    _OUR_FLAGS.update(set(FLAGS) - before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Derived configuration: flags are never changed after parsing; everything derived comes from here.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Recipe keys that map one-to-one onto flags.
+_RECIPE_FLAGS = ("optimizer", "lr_schedule", "base_lr", "warmup_epochs", "momentum", "weight_decay",
+                 "label_smoothing", "lars_eta", "batch_schedule")
+
+
+def resolve_config(flags_obj) -> dict:
+    """Returns the run configuration: the flags, with a `--recipe`'s values where a flag was not given explicitly,
+    and the per-data-set defaults filled in.
+
+    Raises:
+        ValueError: for a missing or inconsistent flag, naming it and its value.
+    """
+    config = {name: flags_obj[name].value for name in sorted(_OUR_FLAGS)}
+    dataset = config["dataset"]
+    small = dataset == "fashion_mnist"
+    defaults = {
+        "image_size": _DATASET_DEFAULTS[dataset]["image_size"],
+        "model": _DATASET_DEFAULTS[dataset]["model"],
+        "train_crop": "pad_and_crop" if small else "inception",
+        "central_fraction": 1.0 if small else 224 / 256,
+    }
+    for key, value in defaults.items():
+        if config[key] is None:
+            config[key] = value
+    if config["data_dir"] is None:
+        if dataset == "imagenet":
+            raise ValueError("Flag --data_dir is required with --dataset=imagenet (a directory of ImageNet-format "
+                             "TFRecords named train-* and validation-*).")
+        config["data_dir"] = os.path.join("data", "fashion_mnist")
+    for key in ("global_batch_size", "epochs", "num_replicas", "eval_every_epochs"):
+        if config[key] < 1:
+            raise ValueError(f"Flag --{key} must be >= 1. Received: --{key}={config[key]}")
+    config["schedule_params"], config["optimizer_params"] = {}, {}
+    if config["recipe"]:
+        from tfscale.optimizers import recipes
+
+        recipe = recipes.recipe_hyperparameters(config["recipe"], config["global_batch_size"],
+                                                train_epochs=config["epochs"])
+        for key in _RECIPE_FLAGS:
+            if not flags_obj[key].present and recipe.get(key) is not None:
+                config[key] = recipe[key]
+        if not flags_obj["lr_schedule"].present:
+            config["schedule_params"] = dict(recipe.get("schedule_params") or {})
+        if not flags_obj["optimizer"].present:
+            config["optimizer_params"] = dict(recipe.get("optimizer_params") or {})
+        config["recipe_reference"] = recipe.get("reference")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(config) -> dict:
+    """Returns the file patterns, example counts and number of classes; builds the default records on first use.
+
+    Raises:
+        ValueError: if --data_dir is not a directory or holds no matching records.
+        FileNotFoundError: if the Fashion-MNIST source files are missing (the message gives the fix).
+    """
+    import tensorflow as tf
+
+    from tfscale import data as tdata
+
+    data_dir = config["data_dir"]
+    if config["dataset"] == "fashion_mnist":
+        info = tdata.fashion_mnist.prepare_records(data_dir, source_dir=config["fashion_mnist_source"])
+        if info["converted"]:
+            print(f"Converted Fashion-MNIST to ImageNet-format TFRecords in {data_dir}")
+        else:
+            print(f"Reusing the TFRecords in {data_dir}")
+        info.setdefault("label_offset", 1)
+        if config["num_classes"]:
+            info["num_classes"] = config["num_classes"]
+        return info
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"Flag --data_dir={data_dir!r} is not a directory.")
+    info = {"train_file_pattern": os.path.join(data_dir, _TRAIN_PATTERN),
+            "eval_file_pattern": os.path.join(data_dir, _EVAL_PATTERN)}
+    for split, key in (("train", "num_train_examples"), ("eval", "num_eval_examples")):
+        pattern = info[f"{split}_file_pattern"]
+        if not tf.io.gfile.glob(pattern):
+            raise ValueError(f"Flag --data_dir={data_dir!r} holds no TFRecords matching "
+                             f"{os.path.basename(pattern)!r}.")
+        info[key] = tdata.count_records(pattern)
+        if info[key] == 0:
+            raise ValueError(f"The TFRecords {pattern!r} in --data_dir hold no records.")
+    meta = tdata.read_metadata(data_dir, "train") or {}
+    info["num_classes"] = config["num_classes"] or meta.get("num_classes") or 1000
+    return info
+
+
+def norm_layer(config):
+    """Returns the model's normalisation-layer factory for --bn_group_size (None: the model's Keras BN)."""
+    if config["bn_group_size"] is None:
+        return None
+    from tfscale.layers import DistributedBatchNormalization
+
+    if config["bn_group_size"] < 0:
+        raise ValueError(f"Flag --bn_group_size must be >= 0. Received: --bn_group_size={config['bn_group_size']}")
+    return functools.partial(DistributedBatchNormalization, group_size=config["bn_group_size"] or None,
+                             momentum=0.9, epsilon=1e-5)
+
+
+def pad_eval_batches(dataset, batch_size, num_replicas):
+    """Pads a finite evaluation dataset so every replica gets a full batch at every step; padding has weight 0.
+
+    Under `MirroredStrategy` the last evaluation step can leave some replicas with an empty or partial batch.
+    Empty batches crash oneDNN's CPU convolution in TF 2.21 (it returns the input's shape for a 0-image batch),
+    and TPUs need static shapes anyway, so, like the TPU reference's padded evaluation, the last batch is padded
+    to `batch_size` and whole padding batches are added until the number of batches divides by `num_replicas`.
+    The third element is the Keras sample weight: 1 for real images, 0 for padding, so loss, top-1 and top-5 are
+    exactly those of the real images.
+
+    Args:
+        dataset: `tf.data.Dataset` of `(images [b, H, W, C], one-hot labels [b, K])` batches, b <= batch_size.
+        batch_size: per-replica batch size (images).
+        num_replicas: replicas this input pipeline feeds.
+
+    Returns:
+        A `tf.data.Dataset` of `(images [batch_size, H, W, C], labels [batch_size, K], weights float32
+        [batch_size])`.
+    """
+    import tensorflow as tf
+
+    def pad_batch(x, y):
+        n = tf.shape(x)[0]
+        pad = batch_size - n
+        w = tf.concat([tf.ones([n], tf.float32), tf.zeros([pad], tf.float32)], 0)
+        x = tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1))
+        y = tf.pad(y, [[0, pad], [0, 0]])
+        return tf.ensure_shape(x, [batch_size] + x.shape[1:]), tf.ensure_shape(y, [batch_size] + y.shape[1:]), w
+
+    def pad_group(x, y, w):  # [k <= num_replicas, batch, ...] -> [num_replicas, batch, ...]
+        pad = num_replicas - tf.shape(x)[0]
+        return (tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1)),
+                tf.pad(y, [[0, pad], [0, 0], [0, 0]]),
+                tf.pad(w, [[0, pad], [0, 0]]))
+
+    dataset = dataset.map(pad_batch)
+    if num_replicas > 1:
+        dataset = dataset.batch(num_replicas).map(pad_group).unbatch()
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def build_optimizer(config, batch_schedule, num_train_examples):
+    """Builds the learning-rate schedule (in epochs, continuous across batch-size phases) and the optimizer."""
+    from tfscale import optimizers
+
+    clock = batch_schedule.steps_per_epoch_phases(num_train_examples, config["steps_per_epoch"])
+    peak = optimizers.scaled_learning_rate(config["base_lr"], batch_schedule.global_batch_size(0))
+    schedule = optimizers.build_learning_rate_schedule(
+        config["lr_schedule"], peak, steps_per_epoch=clock, train_epochs=config["epochs"],
+        warmup_epochs=config["warmup_epochs"], **config["schedule_params"])
+    return optimizers.build_optimizer(
+        config["optimizer"], schedule, momentum=config["momentum"], weight_decay=config["weight_decay"],
+        lars_eta=config["lars_eta"], steps_per_epoch=clock, **config["optimizer_params"])
+
+
+def run(flags_obj) -> dict:
+    """Trains and evaluates; returns the results written to `<model_dir>/results.json`."""
+    config = resolve_config(flags_obj)
+    start = time.time()
+
+    import keras
+    import tensorflow as tf
+
+    import tfscale
+    from tfscale import data as tdata
+    from tfscale import distribute
+    from tfscale import models
+    from tfscale import training
+
+    strategy = distribute.create_strategy(
+        algorithm=config["all_reduce"],
+        num_replicas=config["num_replicas"],
+        grid_shape=config["grid_shape"],
+        devices_per_node=config["devices_per_node"],
+        bytes_per_pack=config["bytes_per_pack"],
+        compression=None if config["compression"] == "none" else config["compression"],
+    )
+    num_replicas = strategy.num_replicas_in_sync
+    print(f"{num_replicas} replicas on {list(strategy.extended.worker_devices)}, all-reduce "
+          f"{config['all_reduce']}")
+    keras.utils.set_random_seed(config["seed"])
+    data = prepare_data(config)
+    num_classes = data["num_classes"]
+    print(f"Data: {data['num_train_examples']:,} training and {data['num_eval_examples']:,} evaluation images, "
+          f"{num_classes} classes")
+    batch_schedule = training.BatchSizeSchedule.parse(
+        config["batch_schedule"] or f"0:{config['global_batch_size']}", num_replicas=num_replicas)
+    skipped = tdata.SkippedRecordCounter()  # outside strategy.scope(): one host counter for all pipelines
+
+    def dataset_fn(global_batch, is_training, ctx):
+        ds = tdata.imagenet_dataset(
+            data["train_file_pattern"] if is_training else data["eval_file_pattern"],
+            is_training=is_training,
+            image_size=config["image_size"],
+            batch_size=ctx.get_per_replica_batch_size(global_batch),
+            input_context=ctx,
+            label_offset=config["label_offset"],
+            num_classes=num_classes,
+            train_crop=config["train_crop"],
+            area_range=(config["min_crop_area"], 1.0),
+            central_fraction=config["central_fraction"],
+            skip_counter=None if config["tf_data_service"] else skipped,
+            data_service_address=config["tf_data_service"],
+            seed=config["seed"],
+        )
+        # Keras's label smoothing works on one-hot targets.
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+        if is_training:
+            return ds
+        local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return pad_eval_batches(ds, ctx.get_per_replica_batch_size(global_batch), local_replicas)
+
+    def make_train_dataset(global_batch):
+        return strategy.distribute_datasets_from_function(functools.partial(dataset_fn, global_batch, True))
+
+    eval_ds = strategy.distribute_datasets_from_function(
+        functools.partial(dataset_fn, batch_schedule.global_batch_size(0), False))
+
+    with strategy.scope():
+        model = models.build_model(config["model"], num_classes=num_classes, image_size=config["image_size"],
+                                   norm_layer=norm_layer(config))
+        model.compile(
+            optimizer=build_optimizer(config, batch_schedule, data["num_train_examples"]),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                      label_smoothing=config["label_smoothing"]),
+            metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
+                     keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
+        )
+    print(f"Model {model.name}: {model.count_params():,} parameters; batch schedule {batch_schedule}")
+
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(config["model_dir"], "backup")),
+        training.ThroughputCallback(batch_schedule.global_batch_size),
+        tdata.SkippedRecordsLogger(skipped),
+    ]
+    if config["bn_stats"] == "recompute":
+        callbacks.append(training.RecomputeBatchNormStatistics(
+            make_train_dataset(batch_schedule.global_batch_size(0)), config["bn_stats_batches"]))
+    callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs")))
+
+    history = training.fit_with_batch_schedule(
+        model,
+        make_train_dataset,
+        batch_schedule,
+        num_train_examples=data["num_train_examples"],
+        epochs=config["epochs"],
+        steps_per_epoch=config["steps_per_epoch"],
+        callbacks=callbacks,
+        validation_data=eval_ds,
+        validation_freq=config["eval_every_epochs"],
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0)
+    model.save(os.path.join(config["model_dir"], "model.keras"))
+    wall = time.time() - start
+
+    ips = [v for v in history.history.get("images_per_second", []) if v == v]  # drop NaN
+    results = {
+        "top1": float(evaluation["top1"]),
+        "top5": float(evaluation["top5"]),
+        "eval_loss": float(evaluation["loss"]),
+        "wall_seconds": wall,
+        "images_per_second": sum(ips) / len(ips) if ips else None,
+        "skipped_records": skipped.result(),
+        "epochs_run": list(history.epoch),
+        "history": history.history,
+        "num_train_examples": data["num_train_examples"],
+        "num_eval_examples": data["num_eval_examples"],
+        "num_classes": num_classes,
+        "num_replicas": num_replicas,
+        "devices": list(strategy.extended.worker_devices),
+        "config": config,
+        "versions": {"tfscale": tfscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+                     "python": platform.python_version()},
+    }
+    path = training.write_results(os.path.join(config["model_dir"], "results.json"), results)
+    ips_text = f"{results['images_per_second']:,.0f}" if results["images_per_second"] else "n/a"
+    print(f"top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f}, {wall:.0f} s wall, {ips_text} images/s "
+          f"(training); results in {path}")
+    return results
+
+
+def main(_):
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep TF's per-step INFO lines out of the progress output
+    try:
+        run(FLAGS)
+    except (ValueError, FileNotFoundError) as e:  # bad flags or data: one clear line, no deep stack trace
+        sys.exit(f"train.py: error: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
