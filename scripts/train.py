@@ -353,8 +353,9 @@ def run(flags_obj) -> dict:
         tdata.SkippedRecordsLogger(skipped),
     ]
     if config["bn_stats"] == "recompute":
-        callbacks.append(training.RecomputeBatchNormStatistics(
-            make_train_dataset(batch_schedule.global_batch_size(0)), config["bn_stats_batches"]))
+        # A plain (not distributed) pipeline of whole global batches: the statistics are over all its images.
+        stats_ds = dataset_fn(batch_schedule.global_batch_size(0), True, tf.distribute.InputContext())
+        callbacks.append(training.RecomputeBatchNormStatistics(stats_ds, config["bn_stats_batches"]))
     callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs")))
 
     history = training.fit_with_batch_schedule(

@@ -1,0 +1,116 @@
+"""End-to-end tests of scripts/train.py, the main job, run as a user runs it (a subprocess)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfscale import data as tdata
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(REPO, "scripts", "train.py")
+# Small, fast settings shared by the runs below.
+FAST = ["--model=resnet8", "--image_size=28", "--num_replicas=4", "--global_batch_size=32",
+        "--num_classes=10", "--bn_stats_batches=2"]
+
+
+def _train(args, timeout=600, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    """320 training and 80 evaluation Fashion-MNIST images as ImageNet-format TFRecords, plus one corrupt JPEG
+    and one record whose label is out of range in an extra training shard."""
+    out = str(tmp_path_factory.mktemp("records"))
+    images, labels = tdata.fashion_mnist.load_arrays(split="train")
+    tdata.convert_arrays(images[:320], labels[:320], out, "train", 4, progress=False)
+    tdata.convert_arrays(images[320:400], labels[320:400], out, "validation", 2, progress=False)
+    good = tf.io.encode_jpeg(np.zeros((28, 28, 1), np.uint8)).numpy()
+    bad = [tdata.make_example(b"\xff\xd8\xff\xe0 this is not a JPEG", 3, 28, 28, 1),
+           tdata.make_example(good, 99, 28, 28, 1)]  # label 98 after the 1-based offset: out of range
+    with tf.io.TFRecordWriter(os.path.join(out, "train-bad-00000-of-00001")) as w:
+        for example in bad:
+            w.write(example.SerializeToString())
+    return out
+
+
+def test_trains_and_writes_results(tiny_records, tmp_path):
+    model_dir = str(tmp_path / "run")
+    proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}",
+                   "--epochs=2", "--all_reduce=torus", "--grid_shape=2x2", "--bn_stats=recompute", *FAST])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
+    assert results["num_train_examples"] == 322 and results["num_eval_examples"] == 80
+    assert results["num_replicas"] == 4
+    assert results["epochs_run"] == [0, 1]
+    assert len(results["history"]["val_top1"]) == 2
+    assert results["images_per_second"] > 0
+    # The corrupt JPEG and the out-of-range label are skipped and counted, once per pass over the training data
+    # (2 epochs of 10 steps of 32 cover the 322 records twice; the BN-statistics pass may read more).
+    assert results["skipped_records"] >= 2
+    assert results["config"]["all_reduce"] == "torus" and results["config"]["grid_shape"] == "2x2"
+    assert os.path.isfile(os.path.join(model_dir, "model.keras"))
+    assert os.listdir(os.path.join(model_dir, "logs"))  # TensorBoard event files
+    assert "top-1" in proc.stdout and "images/s" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset=imagenet"], "--data_dir is required"),
+        (["--dataset=imagenet", "--data_dir={empty}"], "holds no TFRecords"),
+        (["--dataset=imagenet", "--data_dir={empty}/missing"], "is not a directory"),
+        (["--all_reduce=butterfly"], "butterfly"),
+        (["--global_batch_size=30"], "--global_batch_size=30"),
+        (["--fashion_mnist_source={empty}", "--data_dir={empty}/fm"], "dataset-fashion-mnist"),
+    ],
+)
+def test_bad_flags_give_one_clear_error(args, message, tmp_path):
+    args = [a.format(empty=tmp_path) for a in args]
+    proc = _train([*args, f"--model_dir={tmp_path / 'run'}", "--epochs=1"], timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_next_epoch(tiny_records, tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = ["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}", "--epochs=3",
+            "--steps_per_epoch=10", *FAST]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO, env=env)
+    try:
+        seen = ""
+        deadline = time.time() + 600
+        while "Epoch 2/3" not in seen:  # epoch 1 finished (and was backed up): kill the run mid-epoch 2
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, seen[-3000:]
+            seen += line
+            assert time.time() < deadline, "the first epoch did not finish in time"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(os.path.join(model_dir, "results.json"))
+
+    resumed = _train(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Epoch 1/3" not in resumed.stdout and "Epoch 2/3" in resumed.stdout
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["epochs_run"] == [1, 2]
