@@ -1,0 +1,253 @@
+"""Benchmark tfscale's multi-worker all-reduce against MWMS's own, across processes.
+
+For each worker count in ``--num_workers`` (e.g. ``2,4,8``) this script starts that many
+worker processes on 127.0.0.1 with ``python -m tfscale.launch`` (running this same file
+with ``--role=worker``). Every worker builds one `MultiWorkerMirroredStrategy` with
+`tfscale.distribute.collective.create_multi_worker_strategy` and then times, in the same
+process and on the same data, the all-reduce that Keras ``fit`` uses
+(``ReplicaContext.all_reduce(SUM)`` inside ``strategy.run`` in a ``tf.function``) with:
+
+* ``default``: MWMS's own ``CollectiveAllReduce`` (one fused ring all-reduce, TF's
+  ``CommunicationOptions`` defaults: ``bytes_per_pack=0``, implementation AUTO = RING);
+* ``ring``, ``torus`` (most square grid: 1x2, 2x2, 2x4) and ``hierarchical``
+  (``--devices_per_node`` processes per node) from `tfscale.distribute.collective`, with
+  packs under ``--small_pack_bytes`` (1 MiB) summed by two all-reduces;
+* ``torus_rs``: the torus with reduce-scatter / all-reduce / all-gather for every pack
+  (``small_pack_bytes=0``).
+
+Two message sizes:
+
+* ``small`` (latency-bound): ``--small_num_tensors`` tensors of ``--small_tensor_size``
+  float32 (default 200 x 1,000 = 0.8 MB);
+* ``large`` (bandwidth-bound): the 214 gradient tensors of Keras's ResNet-50
+  (25,583,592 float32, 97.6 MiB; `resnet50_gradient_shapes`).
+
+Each (case, algorithm) is warmed up ``--warmup`` times and timed ``--small_reps`` (small)
+or ``--reps`` (large) times (wall clock of the call plus fetching one scalar); the chief
+reports the median. Algorithms are
+run in interleaved rounds so that the machine's load drifts affect all of them alike. The
+driver prints a table of medians and ratios to ``default`` and writes everything to
+``--output_json``.
+
+Example:
+  python scripts/benchmark_allreduce_multiworker.py --num_workers=2,4,8
+
+On loopback every hop costs the same and all processes share the host's cores, so these
+numbers measure per-collective latency and copy/add work rather than a network; see
+docs/benchmarks_multiworker.md.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+ALGORITHMS = ("default", "ring", "torus", "hierarchical", "torus_rs")
+CASES = ("small", "large")
+
+
+def define_flags():
+    """Defines the command-line flags."""
+    flags.DEFINE_list("num_workers", ["2", "4", "8"], "Worker process counts to benchmark.")
+    flags.DEFINE_list("algorithms", list(ALGORITHMS),
+                      f"Subset of {list(ALGORITHMS)}; torus_rs is the torus with small_pack_bytes=0 "
+                      "(reduce-scatter / all-reduce / all-gather for every pack).")
+    flags.DEFINE_integer("small_pack_bytes", 1024 * 1024,
+                         "small_pack_bytes of torus and hierarchical (bytes): smaller packs use two all-reduces.")
+    flags.DEFINE_list("cases", list(CASES), f"Subset of {list(CASES)}.")
+    flags.DEFINE_integer("reps", 7, "Timed repetitions per algorithm of the large case.")
+    flags.DEFINE_integer("small_reps", 30, "Timed repetitions per algorithm of the small case.")
+    flags.DEFINE_integer("warmup", 2, "Untimed calls per (case, algorithm) first.")
+    flags.DEFINE_integer("small_num_tensors", 200, "Tensors in the small case.")
+    flags.DEFINE_integer("small_tensor_size", 1000, "float32 elements per small tensor.")
+    flags.DEFINE_integer("bytes_per_pack", 32 * 1024 * 1024, "tfscale fusion threshold in bytes.")
+    flags.DEFINE_integer("devices_per_node", 2, "Processes per node for `hierarchical`.")
+    flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "Wire compression for tfscale.")
+    flags.DEFINE_float("timeout_seconds", 120.0, "Collective timeout in seconds.")
+    flags.DEFINE_float("launch_timeout_seconds", 580.0, "Limit for one worker count's run, seconds.")
+    flags.DEFINE_string("output_json", "runs/benchmark_allreduce_multiworker.json", "Where to write results.")
+    flags.DEFINE_enum("role", "driver", ["driver", "worker"], "Internal: driver starts the workers.")
+    flags.DEFINE_string("worker_output", "", "Internal: the chief worker's JSON output path.")
+
+
+def resnet50_gradient_shapes(num_classes=1000):
+    """Shapes of the 214 trainable tensors of Keras's ResNet-50 (He et al., arXiv:1512.03385).
+
+    Convolutions have biases (Keras applications style); each is followed by batch
+    normalisation (gamma, beta). 53 convolutions x 4 tensors + the dense layer's 2.
+
+    Args:
+      num_classes: int, the classifier width; default 1000.
+
+    Returns:
+      A list of shape tuples; 25,583,592 elements in total for 1000 classes.
+    """
+    shapes = []
+
+    def conv_bn(k, cin, cout):
+        shapes.extend([(k, k, cin, cout), (cout,), (cout,), (cout,)])
+
+    conv_bn(7, 3, 64)
+    cin = 64
+    for filters, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            if block == 0:
+                conv_bn(1, cin, 4 * filters)  # projection shortcut
+            conv_bn(1, cin if block == 0 else 4 * filters, filters)
+            conv_bn(3, filters, filters)
+            conv_bn(1, filters, 4 * filters)
+            cin = 4 * filters
+    shapes.extend([(2048, num_classes), (num_classes,)])
+    return shapes
+
+
+def _case_shapes(flags_obj, case):
+    if case == "small":
+        return [(flags_obj.small_tensor_size,)] * flags_obj.small_num_tensors
+    return resnet50_gradient_shapes()
+
+
+def run_worker(flags_obj):
+    """One worker: times every (case, algorithm); the chief writes the medians."""
+    from tfscale.distribute import collective
+
+    compression = None if flags_obj.compression == "none" else flags_obj.compression
+    strategy = collective.create_multi_worker_strategy(
+        "ring", bytes_per_pack=flags_obj.bytes_per_pack, compression=compression,
+        timeout_seconds=flags_obj.timeout_seconds,
+    )
+    import numpy as np
+    import tensorflow as tf
+
+    base = strategy.tfscale_all_reduce
+    num_workers = base.num_workers
+    device = strategy.extended.worker_devices[0]
+    reducers = {"default": None}
+    for i, name in enumerate(a for a in flags_obj.algorithms if a != "default"):
+        kwargs = {}
+        if name == "hierarchical":
+            kwargs["devices_per_node"] = min(flags_obj.devices_per_node, num_workers)
+        kwargs["small_pack_bytes"] = 0 if name == "torus_rs" else flags_obj.small_pack_bytes
+        reducers[name] = collective.MultiWorkerAllReduce(
+            name.replace("_rs", ""), base.local_devices, base.worker_rank, num_workers,
+            bytes_per_pack=flags_obj.bytes_per_pack, compression=compression,
+            timeout_seconds=flags_obj.timeout_seconds, key_base=(50 + i) * 1_000_000, **kwargs,
+        )
+
+    results = {}
+    for case in flags_obj.cases:
+        shapes = _case_shapes(flags_obj, case)
+        rng = np.random.RandomState(base.worker_rank)
+        with tf.device(device):
+            grads = [tf.Variable(rng.standard_normal(s).astype("float32"), trainable=False) for s in shapes]
+        functions = {}
+        for name in reducers:
+            collective.use_all_reduce(strategy, reducers[name])
+
+            @tf.function
+            def step():
+                def replica_fn():
+                    ctx = tf.distribute.get_replica_context()
+                    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.identity(g) for g in grads])
+                    return tf.add_n([tf.reshape(r, [-1])[0] for r in reduced])
+
+                return strategy.run(replica_fn)
+
+            step.get_concrete_function()  # Trace now, with this all-reduce installed.
+            functions[name] = step
+        times = {name: [] for name in reducers}
+        check = {}
+        for name, fn in functions.items():
+            for _ in range(flags_obj.warmup):
+                check[name] = float(fn())
+        reps = flags_obj.small_reps if case == "small" else flags_obj.reps
+        for _ in range(reps):  # Interleaved rounds.
+            for name, fn in functions.items():
+                start = time.perf_counter()
+                fn().numpy()
+                times[name].append(time.perf_counter() - start)
+        ref = check["default"] if "default" in check else next(iter(check.values()))
+        results[case] = {
+            "num_tensors": len(shapes),
+            "num_elements": int(sum(np.prod(s) for s in shapes)),
+            "reps": reps,
+            "median_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+            "all_ms": {n: [1e3 * x for x in t] for n, t in times.items()},
+            "max_abs_diff_vs_first": {n: abs(v - ref) for n, v in check.items()},
+        }
+        del grads
+    if base.worker_rank == 0 and flags_obj.worker_output:
+        with open(flags_obj.worker_output, "w") as f:
+            json.dump({"num_workers": num_workers, "cases": results}, f, indent=1)
+    return results
+
+
+def _table(all_results, algorithms):
+    others = [a for a in algorithms if a != "default"]
+    head = ["workers", "case", *[f"{a} (ms)" for a in algorithms], *[f"{a}/default" for a in others]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in all_results:
+        for case, r in res["cases"].items():
+            med = r["median_ms"]
+            cells = [str(res["num_workers"]), case, *[f"{med[a]:.1f}" for a in algorithms]]
+            if "default" in med:
+                cells += [f"{med[a] / med['default']:.2f}" for a in others]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(flags_obj):
+    """Driver: runs the workers for each worker count; returns and writes the results."""
+    if flags_obj.role == "worker":
+        return run_worker(flags_obj)
+    unknown = sorted(set(flags_obj.algorithms) - set(ALGORITHMS)) + sorted(set(flags_obj.cases) - set(CASES))
+    if unknown:
+        raise ValueError(f"Unknown --algorithms/--cases {unknown}; expected {list(ALGORITHMS)} / {list(CASES)}")
+    out_dir = os.path.dirname(os.path.abspath(flags_obj.output_json))
+    os.makedirs(out_dir, exist_ok=True)
+    all_results = []
+    passthrough = [
+        f"--algorithms={','.join(flags_obj.algorithms)}", f"--cases={','.join(flags_obj.cases)}",
+        f"--reps={flags_obj.reps}", f"--small_reps={flags_obj.small_reps}", f"--warmup={flags_obj.warmup}",
+        f"--small_num_tensors={flags_obj.small_num_tensors}",
+        f"--small_tensor_size={flags_obj.small_tensor_size}",
+        f"--bytes_per_pack={flags_obj.bytes_per_pack}", f"--devices_per_node={flags_obj.devices_per_node}",
+        f"--compression={flags_obj.compression}", f"--timeout_seconds={flags_obj.timeout_seconds}",
+        f"--small_pack_bytes={flags_obj.small_pack_bytes}",
+    ]
+    for n in [int(v) for v in flags_obj.num_workers]:
+        worker_output = os.path.join(out_dir, f"benchmark_allreduce_multiworker_{n}w.json")
+        if os.path.exists(worker_output):
+            os.remove(worker_output)
+        cmd = [sys.executable, "-m", "tfscale.launch", "--num_workers", str(n),
+               "--timeout_seconds", str(flags_obj.launch_timeout_seconds), "--",
+               sys.executable, os.path.abspath(__file__), "--role=worker",
+               f"--worker_output={worker_output}", *passthrough]
+        print(f"== {n} workers: {' '.join(cmd)}", flush=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        code = subprocess.call(cmd, env=env, timeout=flags_obj.launch_timeout_seconds + 60)
+        if code != 0 or not os.path.exists(worker_output):
+            raise RuntimeError(f"The {n}-worker run failed with exit code {code}; see its output above.")
+        with open(worker_output) as f:
+            all_results.append(json.load(f))
+    table = _table(all_results, list(flags_obj.algorithms))
+    print(table)
+    summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": all_results,
+               "table": table}
+    with open(flags_obj.output_json, "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(_):
+    run(flags.FLAGS)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

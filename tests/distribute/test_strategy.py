@@ -1,0 +1,141 @@
+"""create_strategy: every algorithm inside MirroredStrategy's replica all-reduce path."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfscale.distribute import ALGORITHMS
+from tfscale.distribute import HierarchicalAllReduce
+from tfscale.distribute import TorusAllReduce
+from tfscale.distribute import configure_logical_devices
+from tfscale.distribute import create_strategy
+from tfscale.distribute import strategy as strategy_lib
+
+SHAPES = [(), (7,), (1001,), (3, 5)]
+
+
+def test_algorithm_names():
+    assert set(ALGORITHMS) == {"torus", "hierarchical", "ring", "reduction_to_one_device",
+                               "hierarchical_copy", "collective"}
+
+
+def _replica_all_reduce(strategy, reduce_op):
+    """Replica r contributes (r + 1) * base_i; returns per-replica results as numpy."""
+    bases = [np.arange(np.prod(s), dtype=np.float32).reshape(s) - 3.0 for s in SHAPES]
+
+    @tf.function
+    def step():
+        def fn():
+            ctx = tf.distribute.get_replica_context()
+            factor = tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
+            return ctx.all_reduce(reduce_op, [factor * tf.constant(b) for b in bases])
+
+        return strategy.run(fn)
+
+    out = step()
+    return bases, [[t.numpy() for t in strategy.experimental_local_results(o)] for o in out]
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 4, 6, 8])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_all_reduces(algorithm, num_replicas):
+    _check_algorithm(algorithm, num_replicas)
+
+
+def _check_algorithm(algorithm, num_replicas):
+    strategy = create_strategy(algorithm, num_replicas=num_replicas)
+    assert strategy.num_replicas_in_sync == num_replicas
+    op = strategy.extended._cross_device_ops  # pylint: disable=protected-access
+    for reduce_op, factor in [("SUM", num_replicas * (num_replicas + 1) / 2),
+                              ("MEAN", (num_replicas + 1) / 2)]:
+        bases, out = _replica_all_reduce(strategy, reduce_op)
+        for base, per_replica in zip(bases, out):
+            assert len(per_replica) == num_replicas
+            for value in per_replica:
+                np.testing.assert_allclose(value, factor * base, rtol=1e-6)
+    if algorithm in ("torus", "hierarchical", "ring") and num_replicas > 1:
+        assert op.num_batch_reduce_calls == 2  # Our op did the work, once per reduce_op.
+
+
+def test_collective_strategies_of_different_sizes_coexist():
+    """TF's CollectiveAllReduce reuses group key 1 per strategy; ours get their own keys."""
+    for n in (4, 2, 8):
+        strategy = create_strategy("collective", num_replicas=n)
+        _, out = _replica_all_reduce(strategy, "SUM")
+        assert out[0][-1] == pytest.approx(-3.0 * n * (n + 1) / 2)
+
+
+def test_ring_and_defaults_map_to_tfscale_ops():
+    op = strategy_lib.create_cross_device_ops("ring", 8)
+    assert isinstance(op, TorusAllReduce) and op.grid(8).rows == 1
+    op = strategy_lib.create_cross_device_ops("hierarchical", 8)
+    assert isinstance(op, HierarchicalAllReduce) and op.devices_per_node == 4
+    op = strategy_lib.create_cross_device_ops("torus", 8, grid_shape="4x2", bytes_per_pack=0,
+                                              compression="bf16")
+    assert op.grid(8).rows == 4 and op.bytes_per_pack == 0 and op.compression == "bf16"
+    assert isinstance(strategy_lib.create_cross_device_ops("hierarchical_copy", 4),
+                      tf.distribute.HierarchicalCopyAllReduce)
+    assert strategy_lib.create_cross_device_ops("collective", 4) is None
+
+
+def test_create_strategy_errors():
+    with pytest.raises(ValueError) as err:
+        create_strategy("butterfly", num_replicas=4)
+    assert "'butterfly'" in str(err.value)
+    for name in ALGORITHMS:
+        assert repr(name) in str(err.value)
+    with pytest.raises(ValueError) as err:
+        create_strategy("torus", num_replicas=8, grid_shape="2x2")
+    assert "'2x2'" in str(err.value) and "num_devices=8" in str(err.value)
+    with pytest.raises(ValueError, match="devices_per_node=3"):
+        create_strategy("hierarchical", num_replicas=8, devices_per_node=3)
+    with pytest.raises(ValueError, match="compression='fp8'"):
+        create_strategy("torus", num_replicas=4, compression="fp8")
+    with pytest.raises(ValueError, match="compression='fp16'"):
+        create_strategy("reduction_to_one_device", num_replicas=4, compression="fp16")
+    with pytest.raises(ValueError, match="grid_shape"):
+        create_strategy("ring", num_replicas=4, grid_shape="2x2")
+    with pytest.raises(ValueError, match="devices_per_node"):
+        create_strategy("torus", num_replicas=4, devices_per_node=2)
+
+
+def test_configure_logical_devices(cpu_devices):
+    assert configure_logical_devices(4) == cpu_devices[:4]
+    with pytest.raises(ValueError, match="num_devices=0"):
+        configure_logical_devices(0)
+    # TF is initialised with 8 logical CPUs (conftest): more cannot be created now.
+    with pytest.raises(RuntimeError, match="num_devices=64"):
+        configure_logical_devices(64)
+
+
+def test_configure_logical_devices_fresh_process(tmp_path):
+    """In a fresh process the CPU really is split into N devices."""
+    import subprocess
+    import sys
+
+    code = ("from tfscale.distribute import create_strategy\n"
+            "s = create_strategy('torus', num_replicas=3)\n"
+            "print(s.num_replicas_in_sync, type(s.extended._cross_device_ops).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ,
+                                            "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["3", "TorusAllReduce"]
+
+
+def test_public_surface():
+    import inspect
+
+    import tfscale.distribute as dist
+
+    for name in dist.__all__:
+        assert hasattr(dist, name), name
+    assert list(inspect.signature(dist.TorusAllReduce).parameters)[:3] == [
+        "grid_shape", "bytes_per_pack", "compression"]
+    assert list(inspect.signature(dist.HierarchicalAllReduce).parameters)[:3] == [
+        "devices_per_node", "bytes_per_pack", "compression"]
+    params = inspect.signature(dist.create_strategy).parameters
+    assert list(params)[:6] == ["algorithm", "num_replicas", "grid_shape", "devices_per_node",
+                                "bytes_per_pack", "compression"]
+    assert params["algorithm"].default == "torus"
+    assert issubclass(dist.TorusAllReduce, tf.distribute.CrossDeviceOps)
