@@ -6,6 +6,16 @@ primitives of `local`) and the multi-process collectives. `create_strategy` turn
 algorithm name into a ready `MirroredStrategy`.
 """
 
+from tfscale.distribute.cluster import ClusterInfo
+from tfscale.distribute.cluster import cluster_from_environment
+from tfscale.distribute.cluster import parse_tf_config
+from tfscale.distribute.collective import MultiWorkerAllReduce
+from tfscale.distribute.collective import WorkerFailureError
+from tfscale.distribute.collective import create_multi_worker_strategy
+from tfscale.distribute.collective import explain_worker_failures
+from tfscale.distribute.collective import in_multi_worker_environment
+from tfscale.distribute.collective import use_all_reduce
+from tfscale.distribute.collective import worker_backup_dir
 from tfscale.distribute.hierarchical import HierarchicalAllReduce
 from tfscale.distribute.local import DEFAULT_BYTES_PER_PACK
 from tfscale.distribute.local import LocalAllReduce
@@ -31,23 +41,33 @@ from tfscale.distribute.torus import TorusAllReduce
 __all__ = [
     "ALGORITHMS",
     "COMPRESSIONS",
+    "ClusterInfo",
     "DEFAULT_BYTES_PER_PACK",
     "Grid",
     "HierarchicalAllReduce",
     "LocalAllReduce",
+    "MultiWorkerAllReduce",
     "PackSpec",
     "TorusAllReduce",
+    "WorkerFailureError",
     "accumulation_dtype",
+    "cluster_from_environment",
     "compress",
     "configure_logical_devices",
     "create_cross_device_ops",
+    "create_multi_worker_strategy",
     "create_strategy",
     "decompress",
+    "explain_worker_failures",
     "factor_grid",
+    "in_multi_worker_environment",
     "node_groups",
     "pack",
     "parse_grid_shape",
+    "parse_tf_config",
     "shard_bounds",
     "unpack",
+    "use_all_reduce",
     "validate_compression",
+    "worker_backup_dir",
 ]

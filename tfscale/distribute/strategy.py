@@ -225,7 +225,14 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
                     compression=None, intra_node="reduce_scatter"):
     """Returns a `tf.distribute.MirroredStrategy` whose gradient all-reduce is `algorithm`.
 
-    Sets up the devices first (`configure_logical_devices`: GPUs if present, else
+    In a multi-worker environment (`TF_CONFIG`, Open MPI or SLURM variables naming more than
+    one worker; see `tfscale.launch`) it returns instead a `MultiWorkerMirroredStrategy`
+    whose all-reduce is tfscale's `algorithm` over TF's collective runtime
+    (`collective.create_multi_worker_strategy`); `num_replicas` is then ignored (each
+    worker's device count comes from the launcher) and `algorithm` must be "torus",
+    "hierarchical", "ring" or "collective" (MWMS's own all-reduce).
+
+    Otherwise it sets up the devices first (`configure_logical_devices`: GPUs if present, else
     `num_replicas` logical CPUs, which must happen before TensorFlow initialises), then
     builds the cross-device op (`create_cross_device_ops`). Keras ``model.fit`` under
     ``strategy.scope()`` then sums gradients with it.
@@ -238,8 +245,9 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
         ``rows * cols == num_replicas``.
       devices_per_node: hierarchical only: int dividing the replica count; None picks
         the column count of `topology.factor_grid`.
-      bytes_per_pack: int >= 0, fusion threshold in bytes (default 256 KiB); 0 fuses all
-        gradients of a dtype into one buffer.
+      bytes_per_pack: int >= 0, fusion threshold in bytes; 0 fuses all gradients of a
+        dtype into one buffer; None picks the path's default (256 KiB in one process,
+        32 MiB across processes). Default 256 KiB.
       compression: None, ``"fp16"`` or ``"bf16"`` (tfscale's algorithms only).
       intra_node: hierarchical only: ``"reduce_scatter"`` (default) or ``"reduce"``.
 
@@ -263,6 +271,12 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
             f"Unknown all_reduce_alg {algorithm!r}; expected one of {sorted(ALGORITHMS)}. "
             f"Received: algorithm={algorithm!r}"
         )
+    from tfscale.distribute import collective  # noqa: PLC0415 (imports the version-guarded compat layer)
+
+    if collective.in_multi_worker_environment():
+        return _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression)
+    if bytes_per_pack is None:
+        bytes_per_pack = local.DEFAULT_BYTES_PER_PACK
     devices = local_devices(num_replicas)
     cross_device_ops = create_cross_device_ops(
         algorithm,
@@ -275,3 +289,27 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
     )
     _LOG.info("tfscale: %s all-reduce over %d devices", algorithm, len(devices))
     return _one_process_strategy(devices, cross_device_ops)
+
+
+def _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression):
+    """The multi-process path of `create_strategy` (see there)."""
+    from tfscale.distribute import collective  # noqa: PLC0415
+
+    valid = list(collective.ALGORITHMS) + ["collective"]
+    if algorithm not in valid:
+        raise ValueError(
+            f"Under a multi-worker cluster `algorithm` must be one of {sorted(valid)}. "
+            f"Received: algorithm={algorithm!r}"
+        )
+    kwargs = {} if bytes_per_pack is None else {"bytes_per_pack": bytes_per_pack}
+    strategy = collective.create_multi_worker_strategy(
+        "ring" if algorithm == "collective" else algorithm,
+        grid_shape=grid_shape if algorithm == "torus" else None,
+        devices_per_node=devices_per_node if algorithm == "hierarchical" else None,
+        compression=compression,
+        **kwargs,
+    )
+    if algorithm == "collective":
+        collective.use_all_reduce(strategy, None)  # MWMS's own CollectiveAllReduce
+    _LOG.info("tfscale: %s all-reduce over %d workers", algorithm, strategy.num_replicas_in_sync)
+    return strategy

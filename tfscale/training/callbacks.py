@@ -15,7 +15,7 @@ class ThroughputCallback(keras.callbacks.Callback):
     last training step of the epoch: the start-up of the first step (tracing, the first `tf.data` fill) and the
     validation pass are excluded, the way the seed papers report images/s. It is written to `logs` as
     `images_per_second` (so `History`, `TensorBoard` and the progress bar see it) together with `epoch_seconds`
-    (the whole epoch, validation included).
+    (the whole epoch, validation included) and `eval_seconds` (the validation pass alone).
 
     Args:
         global_batch_size: images per step over all replicas, an `int`, or a callable `epoch -> int` when the
@@ -52,6 +52,13 @@ class ThroughputCallback(keras.callbacks.Callback):
         self._t0 = None if self._skip_first else self._epoch_start
         self._t_last = None
         self._steps = 0
+        self._eval_seconds = 0.0
+
+    def on_test_begin(self, logs=None):
+        self._eval_start = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._eval_seconds += time.perf_counter() - self._eval_start
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
@@ -72,4 +79,6 @@ class ThroughputCallback(keras.callbacks.Callback):
         if logs is not None:
             logs["images_per_second"] = ips
             logs["epoch_seconds"] = seconds
-        print(f"Epoch {epoch + 1}: {ips:,.0f} images/s (training), {seconds:.1f} s (epoch)")
+            logs["eval_seconds"] = self._eval_seconds
+        print(f"Epoch {epoch + 1}: {ips:,.0f} images/s (training), {seconds:.1f} s (epoch, of which "
+              f"{self._eval_seconds:.1f} s evaluation)")

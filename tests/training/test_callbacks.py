@@ -1,0 +1,59 @@
+"""Tests for tfscale.training.callbacks and results."""
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from tfscale import training
+
+
+def _fit(callback, epochs=2, steps=5, batch=8):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.zeros((steps * batch, 4), "float32")
+    y = np.zeros((steps * batch, 1), "float32")
+    return model.fit(x, y, batch_size=batch, epochs=epochs, validation_data=(x, y), callbacks=[callback],
+                     verbose=0)
+
+
+def test_throughput_counts_images_after_the_first_step():
+    cb = training.ThroughputCallback(global_batch_size=8)
+    history = _fit(cb)
+    assert len(cb.images_per_second) == 2
+    for ips, seconds in zip(cb.images_per_second, cb.epoch_seconds):
+        assert ips > 0 and seconds > 0
+        # 4 timed steps of 8 images can't be faster than 32 images in the whole epoch's wall time.
+        assert ips >= 32 / seconds
+    assert history.history["images_per_second"] == cb.images_per_second
+    assert all(0 < e <= s for e, s in zip(history.history["eval_seconds"], cb.epoch_seconds))
+
+
+def test_throughput_with_a_batch_schedule_callable():
+    seen = []
+    cb = training.ThroughputCallback(global_batch_size=lambda epoch: seen.append(epoch) or 8)
+    _fit(cb, epochs=2)
+    assert seen == [0, 1]
+
+
+def test_throughput_one_step_epoch_is_nan_not_an_error():
+    cb = training.ThroughputCallback(global_batch_size=8)
+    _fit(cb, epochs=1, steps=1)
+    assert math.isnan(cb.images_per_second[0])
+
+
+def test_throughput_rejects_bad_batch():
+    with pytest.raises(ValueError, match="global_batch_size=0"):
+        training.ThroughputCallback(global_batch_size=0)
+
+
+def test_write_results_is_json_with_nan_as_null(tmp_path):
+    path = training.write_results(str(tmp_path / "a" / "results.json"),
+                                  {"top1": np.float32(0.5), "ips": float("nan"), "xs": (1, 2), "obj": object})
+    with open(path) as f:
+        data = json.load(f)
+    assert data["top1"] == 0.5 and data["ips"] is None and data["xs"] == [1, 2]
+    assert isinstance(data["obj"], str)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["results.json"]  # no temporary file left
