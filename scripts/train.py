@@ -42,8 +42,10 @@ FLAGS = flags.FLAGS
 _DATASET_DEFAULTS = {
     # base_lr 0.4 per 256 images for the 78k-parameter ResNet-8 on 28-pixel images: 0.1 (Goyal's ImageNet value)
     # learned 2-3x slower in a short run here.
-    "fashion_mnist": {"image_size": 28, "model": "resnet8", "base_lr": 0.4},
-    "imagenet": {"image_size": 224, "model": "resnet50", "base_lr": 0.1},
+    # weight_decay 5e-4 for it (5e-5 over-fitted: 93% training vs 89.6% test top-1 after 10 epochs); ImageNet uses
+    # Goyal et al.'s 1e-4.
+    "fashion_mnist": {"image_size": 28, "model": "resnet8", "base_lr": 0.4, "weight_decay": 5e-4},
+    "imagenet": {"image_size": 224, "model": "resnet50", "base_lr": 0.1, "weight_decay": 1e-4},
 }
 _TRAIN_PATTERN = "train-*"
 _EVAL_PATTERN = "validation-*"
@@ -103,7 +105,7 @@ def define_flags():
     flags.DEFINE_string("batch_schedule", None,
                         "Batch-size control (Mikami et al.): EPOCH:GLOBAL_BATCH,... e.g. 0:4096,10:8192; "
                         "overrides --global_batch_size.")
-    flags.DEFINE_integer("epochs", 10, "Training epochs.")
+    flags.DEFINE_integer("epochs", 12, "Training epochs.")
     flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars", "rmsprop_warmup"], "Optimizer.")
     flags.DEFINE_float("base_lr", None, "Learning rate per 256 images (linear-scaling rule, Goyal et al.); the "
                        "peak learning rate is base_lr * global_batch_size / 256. Default: 0.1 for imagenet (Goyal "
@@ -113,13 +115,15 @@ def define_flags():
                       "Learning-rate schedule.")
     flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up, in epochs.")
     flags.DEFINE_float("momentum", 0.9, "Momentum.")
-    flags.DEFINE_float("weight_decay", 5e-5, "Weight decay (not on BN parameters or biases).")
+    flags.DEFINE_float("weight_decay", None, "Weight decay (not on BN parameters or biases). Default: 1e-4 for "
+                       "imagenet (Goyal et al.), 5e-4 for fashion_mnist.")
     flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.")
     flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing (Szegedy et al.), Keras's loss.")
     # Run.
     flags.DEFINE_string("model_dir", "runs/default", "Where checkpoints, TensorBoard logs and results.json go.")
     flags.DEFINE_integer("steps_per_epoch", None, "Cap on the steps per epoch (default: all training images).")
-    flags.DEFINE_integer("eval_every_epochs", 1, "Evaluate every N epochs (and always at the end).")
+    flags.DEFINE_integer("eval_every_epochs", 4, "Evaluate every N epochs, as MLPerf does every 4 (and always at "
+                         "the end).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     _OUR_FLAGS.update(set(FLAGS) - before)
 
@@ -147,6 +151,7 @@ def resolve_config(flags_obj) -> dict:
         "image_size": _DATASET_DEFAULTS[dataset]["image_size"],
         "model": _DATASET_DEFAULTS[dataset]["model"],
         "base_lr": _DATASET_DEFAULTS[dataset]["base_lr"],
+        "weight_decay": _DATASET_DEFAULTS[dataset]["weight_decay"],
         "train_crop": "pad_and_crop" if small else "inception",
         "pad_pixels": 0 if small else 4,
         "central_fraction": 1.0 if small else 224 / 256,
@@ -322,6 +327,9 @@ def run(flags_obj) -> dict:
     num_classes = data["num_classes"]
     print(f"Data: {data['num_train_examples']:,} training and {data['num_eval_examples']:,} evaluation images, "
           f"{num_classes} classes")
+    if not config["batch_schedule"] and config["global_batch_size"] % num_replicas:
+        raise ValueError(f"Flag --global_batch_size={config['global_batch_size']} must be divisible by the number "
+                         f"of replicas ({num_replicas}).")
     batch_schedule = training.BatchSizeSchedule.parse(
         config["batch_schedule"] or f"0:{config['global_batch_size']}", num_replicas=num_replicas)
     skipped = tdata.SkippedRecordCounter()  # outside strategy.scope(): one host counter for all pipelines

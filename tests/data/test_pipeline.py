@@ -161,7 +161,7 @@ def test_tfds_records_with_label_offset_zero(tmp_path):
 
 
 def test_distribute_datasets_from_function_with_a_shared_counter(records_with_bad_ones, cpu_devices):
-    strategy = tf.distribute.MirroredStrategy(cpu_devices[:4])
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:4], cross_device_ops=tf.distribute.ReductionToOneDevice())
     counter = pipeline.SkippedRecordCounter()
     global_batch = 8
     contexts = []
@@ -285,7 +285,7 @@ def test_failures_at_the_very_end_of_a_finite_stream_are_counted(tmp_path):
 
 def test_fit_under_mirrored_strategy_with_counter_and_logger(records_with_bad_ones, cpu_devices):
     """The wiring scripts/train.py uses: distribute_datasets_from_function + fit + SkippedRecordsLogger."""
-    strategy = tf.distribute.MirroredStrategy(cpu_devices[:4])
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:4], cross_device_ops=tf.distribute.ReductionToOneDevice())
     counter = pipeline.SkippedRecordCounter()  # outside strategy.scope()
     global_batch = 8
 

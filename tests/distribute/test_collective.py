@@ -16,6 +16,12 @@ from tfscale.distribute import _tf_compat
 from tfscale.distribute import collective
 
 
+def _mirrored(devices):
+    # Not MirroredStrategy's default CollectiveAllReduce: its group key 1 is shared by every default strategy of
+    # the process, so a second one of another size (another test module) would fail to join it.
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
 def _reducer(algorithm, num_workers, devices_per_worker=1, rank=0, **kwargs):
     devices = [f"/job:worker/replica:0/task:{rank}/device:CPU:{i}" for i in range(devices_per_worker)]
     return collective.MultiWorkerAllReduce(algorithm, devices, worker_rank=rank, num_workers=num_workers, **kwargs)
@@ -120,7 +126,7 @@ class TestCompat:
         assert _tf_compat.keras_multi_worker_fixes_applied()
         original = _tf_compat._ORIGINALS["reduce_per_replica"]
         assert trainer.reduce_per_replica is not original
-        strategy = tf.distribute.MirroredStrategy(cpu_devices[:2])
+        strategy = _mirrored(cpu_devices[:2])
         values = strategy.experimental_distribute_values_from_function(
             lambda ctx: {"loss": tf.constant(float(ctx.replica_id_in_sync_group + 1)),
                          "v": tf.fill([3], float(ctx.replica_id_in_sync_group))})
@@ -145,7 +151,7 @@ class TestCompat:
             model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
             return model.get_weights()
 
-        for a, b in zip(train(tf.distribute.MirroredStrategy(cpu_devices[:2])),
+        for a, b in zip(train(_mirrored(cpu_devices[:2])),
                         train(tf.distribute.OneDeviceStrategy(cpu_devices[0]))):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -155,7 +161,7 @@ class TestCompat:
 
     def test_install_rejects_other_strategies(self, cpu_devices):
         with pytest.raises(TypeError, match="MultiWorkerMirroredStrategy"):
-            _tf_compat.install_all_reduce(tf.distribute.MirroredStrategy(cpu_devices[:2]), lambda v, r: v)
+            _tf_compat.install_all_reduce(_mirrored(cpu_devices[:2]), lambda v, r: v)
 
 
 def test_explain_worker_failures():
