@@ -46,12 +46,14 @@ def tiny_records(tmp_path_factory):
 def test_trains_and_writes_results(tiny_records, tmp_path):
     model_dir = str(tmp_path / "run")
     proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}",
-                   "--epochs=2", "--all_reduce=torus", "--grid_shape=2x2", "--bn_stats=recompute", *FAST])
+                   "--epochs=2", "--eval_every_epochs=1", "--all_reduce=torus", "--grid_shape=2x2",
+                   "--bn_stats=recompute", *FAST])
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(model_dir, "results.json")) as f:
         results = json.load(f)
     assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
     assert results["num_train_examples"] == 322 and results["num_eval_examples"] == 80
+    assert results["num_evaluated"] == 80  # every evaluation image counted once, padding excluded
     assert results["num_replicas"] == 4
     assert results["epochs_run"] == [0, 1]
     assert len(results["history"]["val_top1"]) == 2

@@ -57,3 +57,17 @@ def test_write_results_is_json_with_nan_as_null(tmp_path):
     assert data["top1"] == 0.5 and data["ips"] is None and data["xs"] == [1, 2]
     assert isinstance(data["obj"], str)
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_evaluate_top_k_counts_exactly_and_ignores_padding():
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])  # logits = inputs
+    x = np.array([[3, 2, 1], [1, 3, 2], [1, 2, 3], [9, 9, 9]], "float32")
+    y = np.eye(3, dtype="float32")[[0, 2, 0, 1]]  # right, second best, worst, padding
+    w = np.array([1, 1, 1, 0], "float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(3)
+    result = training.evaluate_top_k(model, ds, ks=(1, 2, 5))
+    assert result == {"top1": 1 / 3, "top2": 2 / 3, "top5": 1.0, "num_examples": 3}
+    with pytest.raises(ValueError, match="non-zero weight"):
+        training.evaluate_top_k(model, ds.take(0))

@@ -8,12 +8,14 @@ from tfscale.training.batch_size_control import BatchSizeSchedule
 from tfscale.training.batch_size_control import fit_with_batch_schedule
 from tfscale.training.bn_statistics import RecomputeBatchNormStatistics
 from tfscale.training.callbacks import ThroughputCallback
+from tfscale.training.evaluation import evaluate_top_k
 from tfscale.training.results import write_results
 
 __all__ = [
     "BatchSizeSchedule",
     "RecomputeBatchNormStatistics",
     "ThroughputCallback",
+    "evaluate_top_k",
     "fit_with_batch_schedule",
     "write_results",
 ]
