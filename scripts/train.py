@@ -371,8 +371,10 @@ def run(flags_obj) -> dict:
             optimizer=build_optimizer(config, batch_schedule, data["num_train_examples"]),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True,
                                                       label_smoothing=config["label_smoothing"]),
-            metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
-                     keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
+            # Weighted, so the zero-weight padding of the evaluation set does not count (Keras's plain `metrics`
+            # ignore sample weights).
+            weighted_metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
+                              keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
         )
     print(f"Model {model.name}: {model.count_params():,} parameters; batch schedule {batch_schedule}")
 

@@ -54,6 +54,8 @@ def test_trains_and_writes_results(tiny_records, tmp_path):
     assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
     assert results["num_train_examples"] == 322 and results["num_eval_examples"] == 80
     assert results["num_evaluated"] == 80  # every evaluation image counted once, padding excluded
+    # Keras's figure (mean over replicas, padding weighted out) agrees with the exact count to within one image.
+    assert abs(results["keras_top1"] - results["top1"]) <= 1 / 80 + 1e-6
     assert results["num_replicas"] == 4
     assert results["epochs_run"] == [0, 1]
     assert len(results["history"]["val_top1"]) == 2
