@@ -91,7 +91,8 @@ def _strategy(args):
     return collective.create_multi_worker_strategy(
         algorithm=args.algorithm, grid_shape=args.grid_shape or None,
         devices_per_node=args.devices_per_node or None, compression=args.compression or None,
-        timeout_seconds=args.timeout_seconds, bytes_per_pack=args.bytes_per_pack, **kwargs,
+        timeout_seconds=args.timeout_seconds, bytes_per_pack=args.bytes_per_pack,
+        per_collective_timeout=args.per_collective_timeout, **kwargs,
     )
 
 
@@ -152,7 +153,8 @@ def run_fit(args, resume=False):
     with strategy.scope():
         model = build_model(keras, args.tfscale_layers)
         model.compile(optimizer=build_optimizer(keras, args), loss="mse")
-    callbacks = []
+    # The multi-worker timeout: one watchdog thread instead of a timer thread per collective.
+    callbacks = [strategy.tfscale_watchdog] if hasattr(strategy, "tfscale_watchdog") else []
     if resume:
         # One directory per worker: Keras 3's BackupAndRestore is not multi-worker aware
         # and two workers writing one file collide on the HDF5 lock.
@@ -192,7 +194,16 @@ def run_fit(args, resume=False):
     with open(os.path.join(args.out_dir, f"fit_rank{rank}.json"), "w") as f:
         losses = [float(v) for v in history.history.get("loss", [])]
         json.dump({"loss": losses, "replicas": strategy.num_replicas_in_sync}, f)
-    print(f"rank {rank}: fit done, losses {losses}", flush=True)
+    print(f"rank {rank}: fit done, losses {losses}, {_thread_count()} threads", flush=True)
+
+
+def _thread_count():
+    """OS threads of this process (Linux), or -1 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except (OSError, StopIteration):
+        return -1
 
 
 def main(argv):
@@ -215,6 +226,8 @@ def main(argv):
     parser.add_argument("--die_at_epoch", type=int, default=-1)
     parser.add_argument("--die_rank", type=int, default=1)
     parser.add_argument("--step_sleep", type=float, default=0.0)
+    parser.add_argument("--per_collective_timeout", action="store_true",
+                        help="a timeout on every collective instead of the watchdog callback")
     parser.add_argument("--tfscale_layers", action="store_true",
                         help="DistributedBatchNormalization + LARS instead of Keras SyncBN + SGD")
     args = parser.parse_args(argv)

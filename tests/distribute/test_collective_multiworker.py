@@ -178,6 +178,26 @@ def test_fit_two_workers_matches_one_process(tmp_path, variant):
 
 
 @pytest.mark.slow
+def test_long_fit_keeps_one_watchdog_thread_not_one_per_collective(tmp_path):
+    """Regression: the 4-worker default job died in epoch 2 with "Resource temporarily unavailable".
+
+    TF starts a thread per collective that carries a timeout and keeps it for the whole timeout, so threads
+    grow with collectives x timeout. 240 steps (SyncBN: several collectives per step) with per-collective
+    timeouts leave well over a thousand threads; the default (one CollectiveWatchdog) stays near the
+    thread pools' size.
+    """
+    args = ["--mode", "fit", "--algorithm", "torus", "--epochs", "60", "--timeout_seconds", "300"]
+    counts = {}
+    for mode, extra in (("watchdog", []), ("per_collective", ["--per_collective_timeout"])):
+        code, out = _launch([*args, *extra], tmp_path / mode)
+        assert code == 0, out[-4000:]
+        counts[mode] = [int(n) for n in re.findall(r"fit done, losses .*, (\d+) threads", out)]
+        assert len(counts[mode]) == 2, out[-3000:]
+    assert max(counts["watchdog"]) < 300, counts  # measured: 110-115
+    assert min(counts["per_collective"]) > max(counts["watchdog"]) + 1000, counts
+
+
+@pytest.mark.slow
 def test_fit_four_workers_torus_2x2_matches_one_process(tmp_path):
     code, out = _launch(["--mode", "fit", "--algorithm", "torus", "--grid_shape", "2x2"], tmp_path / "mw",
                         num_workers=4, timeout=400)

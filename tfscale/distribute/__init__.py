@@ -37,11 +37,13 @@ from tfscale.distribute.topology import node_groups
 from tfscale.distribute.topology import parse_grid_shape
 from tfscale.distribute.topology import shard_bounds
 from tfscale.distribute.torus import TorusAllReduce
+from tfscale.distribute.watchdog import CollectiveWatchdog
 
 __all__ = [
     "ALGORITHMS",
     "COMPRESSIONS",
     "ClusterInfo",
+    "CollectiveWatchdog",
     "DEFAULT_BYTES_PER_PACK",
     "Grid",
     "HierarchicalAllReduce",

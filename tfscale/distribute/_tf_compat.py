@@ -33,7 +33,11 @@ API, so they live here, each guarded by the TF/Keras versions they were tested w
 
    Both patches call the original code unchanged for every other strategy.
 
-4. **CPU replicas per worker** (`multi_worker_local_devices`): MWMS gives a CPU-only worker
+4. **Aborting every collective of the process** (`abort_collective_ops`), for
+   `tfscale.distribute.watchdog.CollectiveWatchdog`: ``context.abort_collective_ops``, the
+   call MWMS's own peer health check makes.
+
+5. **CPU replicas per worker** (`multi_worker_local_devices`): MWMS gives a CPU-only worker
    one replica. To run ``devices_per_worker > 1`` on logical CPU devices (tests, or CPU
    clusters), ``CollectiveAllReduceExtended._initialize_local_devices`` is wrapped while
    the strategy is built.
@@ -54,6 +58,7 @@ try:  # Private modules: a missing one is reported by check_versions, not at imp
     from tensorflow.python.distribute import collective_all_reduce_strategy as _mwms_lib
     from tensorflow.python.distribute import cross_device_ops as _cross_device_ops_lib
     from tensorflow.python.distribute import reduce_util as _reduce_util
+    from tensorflow.python.eager import context as _context
     from tensorflow.python.framework import indexed_slices as _indexed_slices
     from tensorflow.python.framework import ops as _ops
     from tensorflow.python.ops import collective_ops as _collective_ops
@@ -77,6 +82,7 @@ __all__ = [
     "new_ordering_token",
     "install_all_reduce",
     "multi_worker_local_devices",
+    "abort_collective_ops",
     "installed_reduce_fn",
     "num_workers",
 ]
@@ -267,6 +273,18 @@ def new_ordering_token(device):
     """
     with _ops.init_scope(), tf.device(device):
         return _resource_variable_ops.ResourceVariable(0.0, trainable=False)
+
+
+def abort_collective_ops(message):
+    """Aborts every running and future collective of this process with ``DEADLINE_EXCEEDED``.
+
+    The running collectives fail with ``tf.errors.DeadlineExceededError(message)``; every
+    later one fails at once (the process must be restarted to use collectives again).
+
+    Args:
+      message: str, the error message the aborted collectives carry.
+    """
+    _context.context().abort_collective_ops(tf.errors.DEADLINE_EXCEEDED, message)
 
 
 class SubgroupLauncher:

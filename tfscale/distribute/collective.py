@@ -32,8 +32,11 @@ collective runtime ranks devices in):
 
 Every algorithm first fuses the values into packs of about `bytes_per_pack` bytes
 (`tfscale.distribute.packing.pack`), optionally casts them to float16 / bfloat16 for the
-wire (`compression`; local sums in float32), and gives every collective a timeout so that
-a dead worker makes the others fail with ``DeadlineExceeded`` instead of hanging.
+wire (`compression`; local sums in float32). A dead or hung worker makes the others fail
+with ``DeadlineExceeded`` instead of hanging: by default through one
+`tfscale.distribute.watchdog.CollectiveWatchdog` per process (``strategy.tfscale_watchdog``,
+a Keras callback), optionally through a timeout on every collective
+(``per_collective_timeout=True``, which costs one sleeping thread per collective).
 
 Rank order: TF's collective runtime ranks a group's members by (job, task, device index),
 so the j-th member of every row is in column j. This holds on CPUs and for one device per
@@ -53,6 +56,7 @@ from tfscale.distribute import _tf_compat
 from tfscale.distribute import cluster as cluster_lib
 from tfscale.distribute import packing
 from tfscale.distribute import topology
+from tfscale.distribute import watchdog as watchdog_lib
 
 __all__ = [
     "ALGORITHMS",
@@ -160,6 +164,8 @@ class MultiWorkerAllReduce:
         all_to_all / all_gather steps carry bf16 (bit-cast to int32) and the reduction
         steps (torus columns, hierarchical across nodes, the whole ring) use float32.
       timeout_seconds: float > 0 or None, per-collective timeout in seconds; default 300.
+        Each collective with a timeout holds an OS thread for the whole timeout (see
+        `tfscale.distribute.watchdog`); None relies on a `CollectiveWatchdog` instead.
       communication_hint: ``"auto"``, ``"ring"`` or ``"nccl"`` for the collectives;
         default ``"auto"`` (NCCL on GPUs when available).
       key_base: int, first group key of this instance; must be the same on every worker
@@ -413,7 +419,8 @@ def _worker_rank(resolver):
 def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per_node=None,
                                  bytes_per_pack=DEFAULT_BYTES_PER_PACK, compression=None,
                                  timeout_seconds=DEFAULT_TIMEOUT_SECONDS, cluster_resolver=None,
-                                 devices_per_worker=None, small_pack_bytes=DEFAULT_SMALL_PACK_BYTES):
+                                 devices_per_worker=None, small_pack_bytes=DEFAULT_SMALL_PACK_BYTES,
+                                 per_collective_timeout=False):
     """Creates an MWMS whose all-reduce is tfscale's torus, hierarchical or ring.
 
     The cluster comes from `cluster_resolver` or else from the environment
@@ -429,8 +436,10 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
       devices_per_node: hierarchical only: replicas per node; default one node per worker.
       bytes_per_pack: int >= 0, fusion threshold in bytes; default 32 MiB.
       compression: None, ``"fp16"`` or ``"bf16"`` (wire dtype of float32 gradients).
-      timeout_seconds: float > 0, seconds before a collective whose peers do not arrive
-        fails with ``DeadlineExceeded``; default 300. Applies to MWMS's own collectives too.
+      timeout_seconds: float > 0, seconds a step may wait for its peers before its
+        collectives fail with ``DeadlineExceeded``; default 300. Enforced by
+        ``strategy.tfscale_watchdog`` (pass it to ``fit`` / ``evaluate`` as a callback) and,
+        with `per_collective_timeout`, by every collective (tfscale's and MWMS's own).
       cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver` or None.
       devices_per_worker: int >= 1 or None: replicas per worker. None reads
         ``TFSCALE_DEVICES_PER_WORKER`` (set by ``python -m tfscale.launch``) and
@@ -439,11 +448,22 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
       small_pack_bytes: int >= 0, torus / hierarchical packs smaller than this many bytes
         use two all-reduces instead of reduce-scatter / all-reduce / all-gather (see
         `MultiWorkerAllReduce`); default 1 MiB; 0 turns it off.
+      per_collective_timeout: bool, default False. True puts `timeout_seconds` on every
+        collective as well: tfscale's and MWMS's own (``CommunicationOptions``; MWMS's
+        input pipeline makes an integer all-reduce per step). TF starts one thread per
+        such collective that sleeps for the whole timeout, so at several collectives per
+        step a long run exhausts the process's threads (the 4-worker default job did in
+        its 2nd epoch; 240 steps of a small fit left 9,200 threads per worker); use it
+        only for short custom loops that cannot take the watchdog callback. With False,
+        a peer that dies outside ``fit`` / ``evaluate`` (e.g. while variables are
+        created) is still reported by TF's coordination service (missed heartbeats),
+        but a peer that hangs there is not.
 
     Returns:
       A `tf.distribute.MultiWorkerMirroredStrategy` with ``num_replicas_in_sync ==
       num_workers * devices_per_worker``. ``strategy.tfscale_all_reduce`` is the installed
-      `MultiWorkerAllReduce`.
+      `MultiWorkerAllReduce`; ``strategy.tfscale_watchdog`` is this process's
+      `CollectiveWatchdog` with `timeout_seconds`.
 
     Raises:
       ValueError: for a malformed ``TF_CONFIG`` (or MPI/SLURM variables), no multi-worker
@@ -456,7 +476,8 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
       >>> strategy = create_multi_worker_strategy("torus", grid_shape="2x2")
       >>> with strategy.scope():
       ...     model = build_model(); model.compile(...)
-      >>> model.fit(dataset, epochs=...)
+      >>> with explain_worker_failures(strategy):
+      ...     model.fit(dataset, epochs=..., callbacks=[strategy.tfscale_watchdog])
     """
     _tf_compat.check_versions()
     _check_algorithm(algorithm)
@@ -490,7 +511,7 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         _ensure_cpu_devices(devices_per_worker)
     _tf_compat.apply_keras_multi_worker_fixes()
     options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=timeout_seconds
+        timeout_seconds=timeout_seconds if per_collective_timeout else None
     )
     if use_cpu_devices:
         with _tf_compat.multi_worker_local_devices(devices_per_worker):
@@ -514,11 +535,12 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
     reducer = MultiWorkerAllReduce(
         algorithm, local_devices, worker_rank=_worker_rank(resolver), num_workers=workers,
         grid_shape=grid_shape, devices_per_node=devices_per_node, bytes_per_pack=bytes_per_pack,
-        compression=compression, timeout_seconds=timeout_seconds,
+        compression=compression, timeout_seconds=timeout_seconds if per_collective_timeout else None,
         key_base=_KEY_STRIDE * _STRATEGIES_CREATED[0], small_pack_bytes=small_pack_bytes,
     )
     _tf_compat.install_all_reduce(strategy, reducer)
     strategy.tfscale_all_reduce = reducer
+    strategy.tfscale_watchdog = watchdog_lib.CollectiveWatchdog(timeout_seconds)
     return strategy
 
 
@@ -591,8 +613,8 @@ def explain_worker_failures(strategy=None, timeout_seconds=None):
     error that says what happened and what to do.
 
     Args:
-      strategy: the strategy from `create_multi_worker_strategy` (its timeout is
-        reported) or None.
+      strategy: the strategy from `create_multi_worker_strategy` (its watchdog's timeout
+        is reported) or None.
       timeout_seconds: float or None, the timeout to report when `strategy` is None.
 
     Yields:
@@ -607,9 +629,9 @@ def explain_worker_failures(strategy=None, timeout_seconds=None):
       >>> with explain_worker_failures(strategy):
       ...     model.fit(dataset, epochs=90, callbacks=[backup])
     """
-    reducer = getattr(strategy, "tfscale_all_reduce", None)
-    if reducer is not None and timeout_seconds is None:
-        timeout_seconds = reducer.timeout_seconds
+    watchdog = getattr(strategy, "tfscale_watchdog", None)
+    if watchdog is not None and timeout_seconds is None:
+        timeout_seconds = watchdog.timeout_seconds
     try:
         yield
     except _PEER_FAILURE_ERRORS as err:
