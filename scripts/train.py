@@ -86,9 +86,14 @@ def define_flags():
     flags.DEFINE_integer("bn_group_size", None,
                          "Replicas per batch-normalisation group (Ying et al.): 1 = local BN, 0 = all replicas. "
                          "Unset: Keras's local BatchNormalization.")
+    flags.DEFINE_float("bn_momentum", 0.9, "Decay of the BN moving mean and variance (0.9: the TPU and MLPerf "
+                       "references; Keras's default is 0.99).")
     flags.DEFINE_enum("bn_stats", "moving_average", ["moving_average", "recompute"],
-                      "recompute: recompute BN population statistics after training (Akiba et al.).")
-    flags.DEFINE_integer("bn_stats_batches", 50, "Training batches used by --bn_stats=recompute.")
+                      "recompute: after training, replace the BN moving averages by the population statistics of "
+                      "--bn_stats_batches training batches (Akiba et al.); results.json then reports top-1/top-5 "
+                      "with both.")
+    flags.DEFINE_integer("bn_stats_batches", 50, "Training batches (of the first phase's global batch) used by "
+                         "--bn_stats=recompute.")
     # Distribution.
     flags.DEFINE_integer("num_replicas", 4, "Replicas (GPUs, or logical CPU devices when there is no GPU).")
     flags.DEFINE_string("all_reduce", "torus", "Gradient all-reduce algorithm: torus, hierarchical, ring, "
@@ -176,9 +181,12 @@ def resolve_config(flags_obj) -> dict:
         for key in _RECIPE_FLAGS:
             if not flags_obj[key].present and recipe.get(key) is not None:
                 config[key] = recipe[key]
-        if not flags_obj["lr_schedule"].present:
+        # The recipe's extra parameters belong to its schedule and optimizer: they apply whenever the resolved
+        # name is the recipe's own, also when it was given explicitly (--recipe=mlperf --optimizer=lars), and
+        # never to another schedule or optimizer, which would reject them.
+        if config["lr_schedule"] == recipe["lr_schedule"]:
             config["schedule_params"] = dict(recipe.get("schedule_params") or {})
-        if not flags_obj["optimizer"].present:
+        if config["optimizer"] == recipe["optimizer"]:
             config["optimizer_params"] = dict(recipe.get("optimizer_params") or {})
         config["recipe_reference"] = recipe.get("reference")
     return config
@@ -229,15 +237,21 @@ def prepare_data(config) -> dict:
 
 
 def norm_layer(config):
-    """Returns the model's normalisation-layer factory for --bn_group_size (None: the model's Keras BN)."""
+    """Returns the model's normalisation-layer factory: Keras BN without --bn_group_size, else tfscale's
+    group-synchronised BN; both with --bn_momentum and epsilon 1e-5."""
+    from tfscale import models
+
+    momentum = config["bn_momentum"]
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Flag --bn_momentum must be in [0, 1). Received: --bn_momentum={momentum}")
     if config["bn_group_size"] is None:
-        return None
+        return functools.partial(models.default_norm_layer, momentum=momentum)
     from tfscale.layers import DistributedBatchNormalization
 
     if config["bn_group_size"] < 0:
         raise ValueError(f"Flag --bn_group_size must be >= 0. Received: --bn_group_size={config['bn_group_size']}")
     return functools.partial(DistributedBatchNormalization, group_size=config["bn_group_size"] or None,
-                             momentum=0.9, epsilon=1e-5)
+                             momentum=momentum, epsilon=models.DEFAULT_BN_EPSILON)
 
 
 def pad_eval_batches(dataset, batch_size, num_replicas):
@@ -386,10 +400,9 @@ def run(flags_obj) -> dict:
         training.ThroughputCallback(batch_schedule.global_batch_size),
         tdata.SkippedRecordsLogger(skipped),
     ]
-    if config["bn_stats"] == "recompute":
-        # A plain (not distributed) pipeline of whole global batches: the statistics are over all its images.
-        stats_ds = dataset_fn(batch_schedule.global_batch_size(0), True, tf.distribute.InputContext())
-        callbacks.append(training.RecomputeBatchNormStatistics(stats_ds, config["bn_stats_batches"]))
+    # Across processes: one watchdog thread aborts the collectives of a step that stalls (a dead or hung peer).
+    watchdog = [strategy.tfscale_watchdog] if all_reduce is not None else []
+    callbacks += watchdog
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs")))
 
@@ -408,10 +421,22 @@ def run(flags_obj) -> dict:
             validation_freq=config["eval_every_epochs"],
             verbose=1 if sys.stdout.isatty() else 2,
         )
-        evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0)
-    # Keras reports the mean of per-replica accuracies; count the exact top-1/top-5 over every evaluation image.
-    exact = training.evaluate_top_k(
-        model, dataset_fn(batch_schedule.global_batch_size(0), False, tf.distribute.InputContext()))
+        # Keras reports the mean of per-replica accuracies; count the exact top-1/top-5 over every evaluation image.
+        plain_eval_ds = dataset_fn(batch_schedule.global_batch_size(0), False, tf.distribute.InputContext())
+        moving_average = None
+        if config["bn_stats"] == "recompute":
+            # Akiba et al.: evaluate with the population statistics, recomputed once after training with the
+            # weights frozen (not inside fit: with batch-size control every phase ends a fit). The exact figures
+            # with the moving averages are kept for comparison.
+            moving_average = training.evaluate_top_k(model, plain_eval_ds)
+            # A plain (not distributed) pipeline of whole global batches: the statistics are over all its images.
+            stats_ds = dataset_fn(batch_schedule.global_batch_size(0), True, tf.distribute.InputContext())
+            layers_used = tfscale.layers.recompute_batch_norm_statistics(model, stats_ds, config["bn_stats_batches"])
+            print(f"Recomputed the BN statistics of {len(layers_used)} layers from "
+                  f"{max(layers_used.values(), default=0):,} training images; top-1 with the moving averages "
+                  f"{moving_average['top1']:.4f}")
+        evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0, callbacks=watchdog)
+        exact = training.evaluate_top_k(model, plain_eval_ds)
     wall = time.time() - start
     if not is_chief:  # every worker trains and evaluates; only the chief writes
         return {"top1": exact["top1"], "worker_rank": all_reduce.worker_rank}
@@ -422,6 +447,9 @@ def run(flags_obj) -> dict:
         "top1": exact["top1"],
         "top5": exact["top5"],
         "num_evaluated": exact["num_examples"],
+        # With --bn_stats=recompute, top1/top5 use the recomputed statistics and these the moving averages.
+        "moving_average_top1": moving_average["top1"] if moving_average else None,
+        "moving_average_top5": moving_average["top5"] if moving_average else None,
         "keras_top1": float(evaluation["top1"]),  # mean of per-replica accuracies, as Keras reports it
         "eval_loss": float(evaluation["loss"]),
         "wall_seconds": wall,
