@@ -173,6 +173,9 @@ def run_fit(args, resume=False):
                     open(marker, "w").close()
                     print(f"rank {rank}: killing myself at epoch {epoch} at {time.time():.3f}", flush=True)
                     os.kill(os.getpid(), 9)
+                if epoch == args.hang_at_epoch and rank == args.die_rank:
+                    print(f"rank {rank}: hanging at epoch {epoch} at {time.time():.3f}", flush=True)
+                    time.sleep(args.hang_seconds)
 
             def on_train_batch_end(self, batch, logs=None):
                 time.sleep(args.step_sleep)
@@ -226,6 +229,8 @@ def main(argv):
     parser.add_argument("--die_at_epoch", type=int, default=-1)
     parser.add_argument("--die_rank", type=int, default=1)
     parser.add_argument("--step_sleep", type=float, default=0.0)
+    parser.add_argument("--hang_at_epoch", type=int, default=-1, help="--die_rank sleeps there instead of dying")
+    parser.add_argument("--hang_seconds", type=float, default=0.0)
     parser.add_argument("--per_collective_timeout", action="store_true",
                         help="a timeout on every collective instead of the watchdog callback")
     parser.add_argument("--tfscale_layers", action="store_true",

@@ -235,6 +235,33 @@ def test_killed_worker_makes_survivor_fail_within_timeout(tmp_path):
 
 
 @pytest.mark.slow
+def test_hung_worker_makes_the_watchdog_abort_the_others(tmp_path):
+    """A peer that hangs (alive, so no connection error and no missed heartbeat) is caught by the watchdog."""
+    from tfscale import launch
+
+    timeout_s = 10.0
+    envs = launch.worker_environments(launch.find_free_ports(2))
+    cmd = [sys.executable, WORKER, "--mode", "resume", "--out_dir", str(tmp_path), "--epochs", "3",
+           "--hang_at_epoch", "1", "--hang_seconds", "90", "--die_rank", "1", "--timeout_seconds", str(timeout_s)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for env in envs]
+    try:
+        out = _communicate(procs[0], 240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    hung = procs[1].stdout.read()
+    hung_at = float(re.search(r"hanging at epoch 1 at ([0-9.]+)", hung).group(1))
+    match = re.search(r"rank 0: WorkerFailureError at ([0-9.]+): (.*)", out)
+    assert procs[0].returncode == 3 and match, out[-3000:]
+    failed_at, message = float(match.group(1)), match.group(2)
+    assert "CollectiveWatchdog" in message and "timeout_seconds=10" in message, message
+    assert timeout_s - 1 < failed_at - hung_at < timeout_s + 30, (failed_at - hung_at, message)
+
+
+@pytest.mark.slow
 def test_launcher_reports_death_and_rerun_resumes(tmp_path):
     args = ["--mode", "resume", "--epochs", "3", "--die_at_epoch", "1", "--die_rank", "1",
             "--timeout_seconds", "20"]
