@@ -95,42 +95,10 @@ class HierarchicalAllReduce(local.LocalAllReduce):
         nodes = topology.node_groups(len(devices), self.devices_per_node)
         if self.intra_node == "reduce":
             return self._reduce_mode(fragments, devices, nodes, plan, finalize)
-        single_node = len(nodes) == 1
-        # 1. Reduce-scatter inside each node: local rank l owns node shard l.
-        if self.devices_per_node == 1:
-            node_shards = [[fragments[node[0]]] for node in nodes]
-        else:
-            node_shards = [
-                local.reduce_scatter(
-                    [fragments[k] for k in node],
-                    [devices[k] for k in node],
-                    plan,
-                    finalize=finalize if single_node else self._to_wire(plan),
-                )
-                for node in nodes
-            ]
-        # 2. All-reduce shard l across nodes, among the devices of local rank l.
-        held = [None] * len(devices)
-        for l in range(self.devices_per_node):
-            peers = [node[l] for node in nodes]
-            shards = [node_shards[m][l] for m in range(len(nodes))]
-            if single_node:
-                per_member = shards
-            else:
-                per_member = local.all_reduce(
-                    shards, [devices[k] for k in peers], plan, finalize=finalize
-                )
-            for k, frags in zip(peers, per_member):
-                held[k] = frags
-        # 3. All-gather inside each node.
-        result = [None] * len(devices)
-        for node in nodes:
-            gathered = local.all_gather(
-                [held[k] for k in node], [devices[k] for k in node], copy=False
-            )
-            for k, frags in zip(node, gathered):
-                result[k] = frags
-        return result
+        # Reduce-scatter inside each node (local rank l owns node shard l), all-reduce shard l
+        # across nodes among the devices of local rank l, all-gather inside each node.
+        return local.two_level_all_reduce(fragments, devices, nodes, plan, finalize=finalize,
+                                          partial_finalize=self._to_wire(plan))
 
     def _reduce_mode(self, fragments, devices, nodes, plan, finalize):
         single_node = len(nodes) == 1

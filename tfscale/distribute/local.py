@@ -314,6 +314,75 @@ def all_reduce(fragments, devices, plan, finalize=None):
     return all_gather(reduce_scatter(fragments, devices, plan, finalize), devices)
 
 
+def two_level_all_reduce(fragments, devices, groups, plan, finalize=None, partial_finalize=None):
+    """All-reduce in two levels: inside equal groups, then across them, shard by shard.
+
+    The schedule shared by the 2D torus (groups = grid rows; Mikami et al., arXiv:1811.05233;
+    Ying et al., arXiv:1811.06992) and the hierarchical all-reduce in reduce-scatter mode
+    (groups = nodes; Jia et al., arXiv:1807.11205):
+
+    1. reduce-scatter inside each group: its j-th member owns group shard j;
+    2. all-reduce shard j across the groups, among their j-th members (a torus column, or
+       the devices of local rank j);
+    3. all-gather inside each group.
+
+    A group of one member skips step 1 (and 3 is a no-op); a single group skips step 2.
+    Every group cuts the common layout identically, so the j-th members of all groups
+    hold the same ranges in step 2.
+
+    Args:
+      fragments: list (one per device, replica order) of lists of `Fragment` with a common
+        layout, ``fragments[i]`` on ``devices[i]``.
+      devices: list of device names, one per replica.
+      groups: list of equal-sized lists of replica indices partitioning
+        ``range(len(devices))`` (the rows, or the nodes).
+      plan: the `FusionPlan` of the packs.
+      finalize: optional ``f(tensor, pack)`` applied once to each fully reduced piece on
+        its owner (after step 2, or after step 1 when there is one group).
+      partial_finalize: optional ``f(tensor, pack)`` applied to the partial sums of step 1
+        before step 2 sends them (the cast back to the wire dtype).
+
+    Returns:
+      A list (one per device) of lists of `Fragment` covering the layout, list ``i`` on
+      ``devices[i]``.
+
+    Raises:
+      ValueError: as `reduce_scatter`.
+    """
+    size = len(groups[0])
+    single_group = len(groups) == 1
+    # 1. Reduce-scatter inside each group.
+    if size == 1:
+        shards = [[fragments[group[0]]] for group in groups]
+    else:
+        shards = [
+            reduce_scatter(
+                [fragments[k] for k in group],
+                [devices[k] for k in group],
+                plan,
+                finalize=finalize if single_group else partial_finalize,
+            )
+            for group in groups
+        ]
+    # 2. All-reduce shard j across the groups, among their j-th members.
+    held = [None] * len(devices)
+    for j in range(size):
+        peers = [group[j] for group in groups]
+        parts = [shards[m][j] for m in range(len(groups))]
+        per_member = parts if single_group else all_reduce(
+            parts, [devices[k] for k in peers], plan, finalize=finalize
+        )
+        for k, frags in zip(peers, per_member):
+            held[k] = frags
+    # 3. All-gather inside each group.
+    result = [None] * len(devices)
+    for group in groups:
+        gathered = all_gather([held[k] for k in group], [devices[k] for k in group], copy=False)
+        for k, frags in zip(group, gathered):
+            result[k] = frags
+    return result
+
+
 def reduce(fragments, devices, root, plan, finalize=None):
     """Sums the members' buffers onto ``devices[root]``.
 

@@ -84,45 +84,11 @@ class TorusAllReduce(local.LocalAllReduce):
         self.grid(num_devices)
 
     def _all_reduce_fragments(self, fragments, devices, plan, finalize):
+        # Reduce-scatter along each row ((r, c) owns row shard c), all-reduce each shard
+        # along its column, all-gather along each row (`local.two_level_all_reduce`).
         grid = self.grid(len(devices))
-        rows, cols = grid.row_groups(), grid.column_groups()
-        # 1. Reduce-scatter along each row: (r, c) owns row shard c. A 1-column grid has
-        #    nothing to reduce inside a row.
-        if grid.cols == 1:
-            row_shards = [[fragments[row[0]]] for row in rows]
-        else:
-            last = grid.rows == 1
-            row_shards = [
-                local.reduce_scatter(
-                    [fragments[k] for k in row],
-                    [devices[k] for k in row],
-                    plan,
-                    finalize=finalize if last else self._to_wire(plan),
-                )
-                for row in rows
-            ]
-        # 2. All-reduce each row shard along its column (every row cut its identical
-        #    layout identically, so the members of a column hold the same ranges).
-        held = [None] * len(devices)
-        for c, column in enumerate(cols):
-            shards = [row_shards[r][c] for r in range(grid.rows)]
-            if grid.rows == 1:
-                per_member = shards
-            else:
-                per_member = local.all_reduce(
-                    shards, [devices[k] for k in column], plan, finalize=finalize
-                )
-            for k, frags in zip(column, per_member):
-                held[k] = frags
-        # 3. All-gather along each row.
-        result = [None] * len(devices)
-        for row in rows:
-            gathered = local.all_gather(
-                [held[k] for k in row], [devices[k] for k in row], copy=False
-            )
-            for k, frags in zip(row, gathered):
-                result[k] = frags
-        return result
+        return local.two_level_all_reduce(fragments, devices, grid.row_groups(), plan, finalize=finalize,
+                                          partial_finalize=self._to_wire(plan))
 
 
 def _parse_any_grid(grid_shape):
