@@ -240,6 +240,7 @@ def norm_layer(config):
     """Returns the model's normalisation-layer factory: Keras BN without --bn_group_size, else tfscale's
     group-synchronised BN; both with --bn_momentum and epsilon 1e-5."""
     from tfscale import models
+    from tfscale.models import resnet
 
     momentum = config["bn_momentum"]
     if not 0.0 <= momentum < 1.0:
@@ -251,7 +252,7 @@ def norm_layer(config):
     if config["bn_group_size"] < 0:
         raise ValueError(f"Flag --bn_group_size must be >= 0. Received: --bn_group_size={config['bn_group_size']}")
     return functools.partial(DistributedBatchNormalization, group_size=config["bn_group_size"] or None,
-                             momentum=momentum, epsilon=models.DEFAULT_BN_EPSILON)
+                             momentum=momentum, epsilon=resnet.DEFAULT_BN_EPSILON)
 
 
 def pad_eval_batches(dataset, batch_size, num_replicas):

@@ -91,6 +91,25 @@ def test_lars_recipe_with_batch_size_control(tiny_records, tmp_path):
     assert results["moving_average_top1"] is None  # --bn_stats=moving_average: one set of figures
 
 
+def test_group_bn_flags(tiny_records, tmp_path):
+    """--bn_group_size / --bn_momentum build the model with tfscale's group-synchronised BN."""
+    import keras
+
+    import tfscale.layers  # registers DistributedBatchNormalization for loading
+
+    model_dir = str(tmp_path / "run")
+    proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}", "--epochs=1",
+                   "--warmup_epochs=0.5", "--bn_group_size=2", "--bn_momentum=0.8", "--bn_stats=recompute", *FAST])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    assert 0.0 <= results["moving_average_top1"] <= 1.0 and 0.0 <= results["top1"] <= 1.0
+    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    norms = [layer for layer in model.layers if isinstance(layer, tfscale.layers.DistributedBatchNormalization)]
+    assert norms and all(n.group_size == 2 and n.momentum == pytest.approx(0.8) and n.epsilon == 1e-5
+                         for n in norms)
+
+
 @pytest.mark.slow
 def test_recomputed_statistics_recover_top1_on_the_default_data(tmp_path):
     """Akiba et al.'s "BN without moving averages" on the embedded Fashion-MNIST: after a 20-step run with BN
