@@ -510,9 +510,9 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
     if use_cpu_devices:
         _ensure_cpu_devices(devices_per_worker)
     _tf_compat.apply_keras_multi_worker_fixes()
-    options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=timeout_seconds if per_collective_timeout else None
-    )
+    # The timeout each collective carries itself (tfscale's and MWMS's own); None leaves it to the watchdog.
+    collective_timeout = timeout_seconds if per_collective_timeout else None
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout)
     if use_cpu_devices:
         with _tf_compat.multi_worker_local_devices(devices_per_worker):
             strategy = tf.distribute.MultiWorkerMirroredStrategy(
@@ -535,7 +535,7 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
     reducer = MultiWorkerAllReduce(
         algorithm, local_devices, worker_rank=_worker_rank(resolver), num_workers=workers,
         grid_shape=grid_shape, devices_per_node=devices_per_node, bytes_per_pack=bytes_per_pack,
-        compression=compression, timeout_seconds=timeout_seconds if per_collective_timeout else None,
+        compression=compression, timeout_seconds=collective_timeout,
         key_base=_KEY_STRIDE * _STRATEGIES_CREATED[0], small_pack_bytes=small_pack_bytes,
     )
     _tf_compat.install_all_reduce(strategy, reducer)
@@ -627,7 +627,7 @@ def explain_worker_failures(strategy=None, timeout_seconds=None):
 
     Example:
       >>> with explain_worker_failures(strategy):
-      ...     model.fit(dataset, epochs=90, callbacks=[backup])
+      ...     model.fit(dataset, epochs=90, callbacks=[strategy.tfscale_watchdog, backup])
     """
     watchdog = getattr(strategy, "tfscale_watchdog", None)
     if watchdog is not None and timeout_seconds is None:
