@@ -7,15 +7,27 @@ Usage::
 
 What it does:
 
-1. Picks `num_workers` free TCP ports on 127.0.0.1 (or checks ``--base_port ..
-   base_port + num_workers - 1`` and fails with a clear message if one is in use).
-2. Starts one copy of the command per worker with ``TF_CONFIG`` set to
+1. Isolates the workers (``--isolation``, default ``auto``). TensorFlow's gRPC servers listen on
+   every interface (``0.0.0.0``, hard-coded in ``grpc_server_lib.cc``) and **have no
+   authentication**. With root or ``CAP_NET_ADMIN`` the workers therefore run inside a private
+   network namespace ``tfscale-<launcher pid>`` whose only interface is loopback
+   (`tfscale.netns`): nothing outside it can connect. It is deleted when the launcher exits
+   (normally, on Ctrl-C, SIGTERM or a worker's death); one left by a launcher killed with
+   SIGKILL is deleted by the next launcher. Without the privilege the launcher prints one
+   warning that the ports are reachable from the network (``--isolation=none`` does the same
+   without trying; ``--isolation=netns`` fails instead).
+2. Picks `num_workers` free TCP ports (free on every interface), or checks ``--base_port ..
+   base_port + num_workers - 1`` and fails with a clear message if one is in use.
+3. Starts one copy of the command per worker with ``TF_CONFIG`` set to
    ``{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}}``, plus
    ``TFSCALE_DEVICES_PER_WORKER`` (read by
    `tfscale.distribute.collective.create_multi_worker_strategy`) and, when GPUs are
    listed in ``CUDA_VISIBLE_DEVICES``, a disjoint slice of them per worker.
-3. Prints every line a worker writes (stdout and stderr) prefixed with ``[worker i]``.
-4. When a worker exits with a non-zero code (or is killed by a signal), stops the others
+4. Prints every line a worker writes (stdout and stderr) prefixed with ``[worker i]``.
+5. Start-up timeout (``--startup_timeout``, default 300 s): a worker that is still running
+   but has not opened its port (its TensorFlow server) by then is named, and every worker is
+   stopped (exit code 3). A worker waiting for a peer that never comes therefore does not hang.
+6. When a worker exits with a non-zero code (or is killed by a signal), stops the others
    (SIGTERM, then SIGKILL after ``--grace_seconds``), says which worker died and why, and
    exits with that first non-zero code (128 + signal number for a signal, as a shell does).
    With ``--timeout_seconds`` the whole job is stopped after that many seconds (exit 124).
@@ -34,6 +46,9 @@ import threading
 import time
 
 __all__ = [
+    "DEFAULT_STARTUP_TIMEOUT_SECONDS",
+    "EXIT_STARTUP_TIMEOUT",
+    "ISOLATION_MODES",
     "LaunchError",
     "find_free_ports",
     "check_ports_free",
@@ -43,13 +58,26 @@ __all__ = [
 ]
 
 _HOST = "127.0.0.1"
+#: Seconds a worker has to open its port (start its TensorFlow server) before the job is stopped.
+DEFAULT_STARTUP_TIMEOUT_SECONDS = 300.0
+#: The launcher's exit code when a worker did not start within the start-up timeout.
+EXIT_STARTUP_TIMEOUT = 3
+#: ``auto``: a private network namespace when possible, else a warning; ``netns``: the namespace or an error;
+#: ``none``: no isolation (ports reachable from the network), with a warning.
+ISOLATION_MODES = ("auto", "netns", "none")
+_EXPOSED_WARNING = (
+    "WARNING: the workers' ports {ports} are reachable from the network: TensorFlow's gRPC servers listen on "
+    "every interface (0.0.0.0) and have no authentication, so anyone who can reach them can run operations in "
+    "the workers. {why}Run as root (or with CAP_NET_ADMIN) to isolate the workers in a private network "
+    "namespace, or use a firewalled, trusted network."
+)
 
 
 class LaunchError(RuntimeError):
     """The launcher could not start the workers (bad argument, port in use)."""
 
 
-def find_free_ports(count, host=_HOST):
+def find_free_ports(count, host=""):
     """Returns `count` distinct TCP ports that were free on `host` a moment ago.
 
     The sockets are bound to port 0 (the kernel picks), all held open until every port is
@@ -59,7 +87,8 @@ def find_free_ports(count, host=_HOST):
 
     Args:
       count: int >= 1, the number of ports.
-      host: str, the interface to bind; default ``"127.0.0.1"``.
+      host: str, the interface to bind; default ``""`` (every interface, as TensorFlow's
+        servers bind).
 
     Returns:
       A list of `count` ints.
@@ -81,12 +110,13 @@ def find_free_ports(count, host=_HOST):
             sock.close()
 
 
-def check_ports_free(ports, host=_HOST):
+def check_ports_free(ports, host=""):
     """Raises `LaunchError` naming the first port of `ports` that cannot be bound on `host`.
 
     Args:
       ports: iterable of ints in 1..65535.
-      host: str, the interface; default ``"127.0.0.1"``.
+      host: str, the interface; default ``""``: every interface, which is what TensorFlow's
+        gRPC servers bind (a port held on any one address is in use for them).
 
     Raises:
       LaunchError: if a port is in use (or not bindable), with the port and the OS error.
@@ -96,8 +126,9 @@ def check_ports_free(ports, host=_HOST):
         try:
             sock.bind((host, port))
         except OSError as err:
+            where = f"{host}:{port}" if host else f"{port} (on some interface)"
             raise LaunchError(
-                f"Port {host}:{port} is already in use ({err.strerror}); the workers need "
+                f"Port {where} is already in use ({err.strerror}); the workers need "
                 f"ports {list(ports)}. Stop the program that holds it, pick another "
                 "--base_port, or leave --base_port unset to use free ports."
             ) from None
@@ -186,8 +217,45 @@ def _pump(rank, stream, out, lock):
     stream.close()
 
 
+def _listening_ports(pid):
+    """The TCP ports in LISTEN state in the network namespace of process `pid` (read from /proc, no traffic)."""
+    ports = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except (OSError, ValueError):
+            pass
+    return ports
+
+
+def _prepare_isolation(isolation, say):
+    """Returns a created `NetworkNamespace` or None (after the exposure warning)."""
+    from tfscale import netns
+
+    if isolation == "none":
+        return None, "--isolation=none. "
+    supported, why = netns.namespace_support()
+    if supported:
+        try:
+            removed = netns.remove_stale_namespaces()
+            if removed:
+                say(f"removed network namespaces left by launchers that no longer run: {removed}")
+            return netns.NetworkNamespace(netns.namespace_name()).create(), ""
+        except netns.NamespaceError as err:
+            why = str(err)
+    if isolation == "netns":
+        raise LaunchError(f"--isolation=netns: cannot create a private network namespace: {why}")
+    return None, f"No private network namespace: {why}. "
+
+
 def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_seconds=10.0,
-           timeout_seconds=None, out=None, poll_seconds=0.1):
+           timeout_seconds=None, out=None, poll_seconds=0.1, *, isolation="auto",
+           startup_timeout_seconds=DEFAULT_STARTUP_TIMEOUT_SECONDS):
     """Runs `command` as `num_workers` workers on 127.0.0.1 and waits for them.
 
     Args:
@@ -204,14 +272,24 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
       out: a text stream for the prefixed output and the launcher's messages; default
         `sys.stdout`.
       poll_seconds: float, how often the worker processes are polled; default 0.1 s.
+      isolation: one of `ISOLATION_MODES`. ``"auto"`` (default) runs the workers in a private
+        network namespace with only loopback when this process has root or ``CAP_NET_ADMIN``,
+        else prints a warning that the ports are reachable from the network; ``"netns"``
+        raises `LaunchError` when the namespace cannot be made; ``"none"`` never isolates
+        (and warns).
+      startup_timeout_seconds: float > 0 or None: a worker still running without a listening
+        port (its TensorFlow server) this many seconds after it started is named, and the job
+        is stopped with `EXIT_STARTUP_TIMEOUT`. Default 300; None disables the check.
 
     Returns:
       int: 0 when all workers exited 0; else the first non-zero exit code (128 + N for a
-      worker killed by signal N; 124 on `timeout_seconds`).
+      worker killed by signal N; 124 on `timeout_seconds`; `EXIT_STARTUP_TIMEOUT` when a
+      worker did not start).
 
     Raises:
       ValueError: if `command` is empty or a numeric argument is out of range.
-      LaunchError: if a port in ``base_port ..`` is in use.
+      LaunchError: if a port in ``base_port ..`` is in use, or ``isolation="netns"`` is not
+        possible.
     """
     out = sys.stdout if out is None else out
     if not command:
@@ -224,16 +302,18 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
         raise ValueError(
             f"Argument `timeout_seconds` must be > 0 or None. Received: timeout_seconds={timeout_seconds}"
         )
-    if base_port is None:
-        ports = find_free_ports(num_workers)
-    else:
-        if not 0 < base_port <= 65536 - num_workers:
-            raise ValueError(
-                f"Argument `base_port` must be in 1..{65536 - num_workers}. Received: base_port={base_port}"
-            )
-        ports = list(range(base_port, base_port + num_workers))
-        check_ports_free(ports)
-    envs = worker_environments(ports, devices_per_worker)
+    if startup_timeout_seconds is not None and not startup_timeout_seconds > 0:
+        raise ValueError(
+            "Argument `startup_timeout_seconds` must be > 0 or None. "
+            f"Received: startup_timeout_seconds={startup_timeout_seconds}"
+        )
+    if isolation not in ISOLATION_MODES:
+        raise ValueError(f"Argument `isolation` must be one of {list(ISOLATION_MODES)}. "
+                         f"Received: isolation={isolation!r}")
+    if base_port is not None and not 0 < base_port <= 65536 - num_workers:
+        raise ValueError(
+            f"Argument `base_port` must be in 1..{65536 - num_workers}. Received: base_port={base_port}"
+        )
     lock = threading.Lock()
 
     def say(message):
@@ -241,8 +321,36 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
             out.write(f"[launch] {message}\n")
             out.flush()
 
-    say(f"starting {num_workers} workers on {', '.join(f'{_HOST}:{p}' for p in ports)}: {' '.join(command)}")
+    namespace, why_exposed = _prepare_isolation(isolation, say)
+    try:
+        if namespace is None:
+            if base_port is None:
+                ports = find_free_ports(num_workers)
+            else:
+                ports = list(range(base_port, base_port + num_workers))
+                check_ports_free(ports)
+            say(_EXPOSED_WARNING.format(ports=ports, why=why_exposed))
+            where = ""
+        else:  # a fresh network stack: every port is free there
+            ports = find_free_ports(num_workers) if base_port is None else list(
+                range(base_port, base_port + num_workers))
+            where = f" inside network namespace {namespace.name} (loopback only, unreachable from the network)"
+        envs = worker_environments(ports, devices_per_worker)
+        say(f"starting {num_workers} workers on {', '.join(f'{_HOST}:{p}' for p in ports)}{where}: "
+            f"{' '.join(command)}")
+        return _run_workers(command if namespace is None else namespace.wrap(command), envs, ports,
+                            grace_seconds, timeout_seconds, startup_timeout_seconds, out, lock, say,
+                            poll_seconds)
+    finally:
+        if namespace is not None:
+            namespace.delete()
+
+
+def _run_workers(command, envs, ports, grace_seconds, timeout_seconds, startup_timeout_seconds, out, lock,
+                 say, poll_seconds):
+    num_workers = len(envs)
     procs, pumps = [], []
+    first_failure = None
     try:
         for rank, env in enumerate(envs):
             proc = subprocess.Popen(
@@ -253,8 +361,10 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
             pump = threading.Thread(target=_pump, args=(rank, proc.stdout, out, lock), daemon=True)
             pump.start()
             pumps.append(pump)
-        deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-        first_failure = None
+        started = time.monotonic()
+        deadline = None if timeout_seconds is None else started + timeout_seconds
+        startup_deadline = None if startup_timeout_seconds is None else started + startup_timeout_seconds
+        joined = set()
         while True:
             codes = [proc.poll() for proc in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
@@ -269,11 +379,25 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
                 break
             if all(c is not None for c in codes):
                 break
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 alive = [r for r, c in enumerate(codes) if c is None]
                 say(f"timeout after {timeout_seconds:g} s; stopping workers {alive}")
                 first_failure = (None, 124)
                 break
+            if startup_deadline is not None:
+                for r, proc in enumerate(procs):
+                    if r not in joined and codes[r] is None and ports[r] in _listening_ports(proc.pid):
+                        joined.add(r)
+                missing = [r for r, c in enumerate(codes) if c is None and r not in joined]
+                if not missing:
+                    startup_deadline = None  # every running worker has its server up
+                elif now > startup_deadline:
+                    names = ", ".join(f"worker {r} (pid {procs[r].pid}, port {ports[r]})" for r in missing)
+                    say(f"start-up timeout: {names} did not start its server within "
+                        f"{startup_timeout_seconds:g} s (--startup_timeout); stopping all workers")
+                    first_failure = (None, EXIT_STARTUP_TIMEOUT)
+                    break
             time.sleep(poll_seconds)
     except KeyboardInterrupt:
         say("interrupted; stopping all workers")
@@ -316,7 +440,8 @@ def _stop(procs, grace_seconds):
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m tfscale.launch",
-        description="Run a training command as N MultiWorkerMirroredStrategy workers on 127.0.0.1.",
+        description="Run a training command as N MultiWorkerMirroredStrategy workers on 127.0.0.1 "
+                    "(in a private network namespace when possible).",
         epilog="Example: python -m tfscale.launch --num_workers 4 -- python scripts/train.py --all_reduce=torus",
     )
     parser.add_argument("--num_workers", type=int, required=True, help="number of worker processes (>= 1)")
@@ -328,6 +453,13 @@ def _parse_args(argv):
                         help="seconds between SIGTERM and SIGKILL when stopping workers; default 10")
     parser.add_argument("--timeout_seconds", type=float, default=None,
                         help="stop all workers after this many seconds (exit 124); default: no limit")
+    parser.add_argument("--isolation", choices=ISOLATION_MODES, default="auto",
+                        help="auto (default): run the workers in a private network namespace with only "
+                             "loopback when root/CAP_NET_ADMIN allows it, else warn that their ports are "
+                             "reachable from the network; netns: the namespace or an error; none: no isolation")
+    parser.add_argument("--startup_timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_SECONDS,
+                        help="seconds a worker has to start its server before the job is stopped (exit 3), "
+                             "naming the missing worker; 0 disables; default %(default)g")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -348,7 +480,8 @@ def main(argv=None):
         return launch(
             command, args.num_workers, devices_per_worker=args.devices_per_worker,
             base_port=args.base_port, grace_seconds=args.grace_seconds,
-            timeout_seconds=args.timeout_seconds,
+            timeout_seconds=args.timeout_seconds, isolation=args.isolation,
+            startup_timeout_seconds=args.startup_timeout or None,
         )
     except (LaunchError, ValueError) as err:
         sys.stderr.write(f"[launch] error: {err}\n")
