@@ -6,6 +6,7 @@ The normalisation layer of every model is an argument, so group-synchronised BN 
 from tfscale.models.resnet import MODELS
 from tfscale.models.resnet import build_model
 from tfscale.models.resnet import default_norm_layer
+from tfscale.models.resnet import input_normalization_layer
 from tfscale.models.resnet import resnet8
 from tfscale.models.resnet import resnet20
 from tfscale.models.resnet import resnet50
@@ -16,6 +17,7 @@ __all__ = [
     "MODELS",
     "build_model",
     "default_norm_layer",
+    "input_normalization_layer",
     "resnet8",
     "resnet20",
     "resnet50",

@@ -19,6 +19,11 @@ Large-batch details from Goyal et al., "Accurate, Large Minibatch SGD", arXiv:17
 
 The normalisation layer is an argument (`norm_layer`), so tfscale's `DistributedBatchNormalization` (or any
 `keras.layers.BatchNormalization`-compatible layer) can be plugged in.
+
+Input normalisation on the accelerator (`input_normalization`): as in the TPU reference (Ying et al.,
+arXiv:1811.06992), the input pipeline can feed raw pixels (uint8, or bfloat16, values 0..255) and the model's first
+layer, a `keras.layers.Rescaling` named "input_normalization", computes `(x / 255 - mean) / stddev` per channel on
+the device. A saved `model.keras` then carries its normalisation and predicts correctly from raw images.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import functools
 from typing import Callable
 
 import keras
+import numpy as np
 
 NormLayerFactory = Callable[..., keras.layers.Layer]
 
@@ -34,6 +40,57 @@ NormLayerFactory = Callable[..., keras.layers.Layer]
 # Keras's default momentum 0.99 can leave the moving statistics far from the population after a short run.
 DEFAULT_BN_MOMENTUM = 0.9
 DEFAULT_BN_EPSILON = 1e-5
+#: Per-channel RGB mean and standard deviation of ImageNet on the [0, 1] scale (`tfscale.data`'s defaults too).
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+#: Name of the input-normalisation layer (see `input_normalization_layer`).
+INPUT_NORMALIZATION_LAYER = "input_normalization"
+
+
+def input_normalization_layer(input_normalization="imagenet") -> keras.layers.Layer:
+    """Returns the layer that maps raw pixel values to `(x / 255 - mean) / stddev` per RGB channel.
+
+    It is a `keras.layers.Rescaling(scale=1 / (255 * stddev), offset=-mean / stddev)` with per-channel scale and
+    offset, the same arithmetic as `tfscale.data.normalize_images` on the host, so the two agree to float32
+    rounding. It casts its input (uint8, bfloat16 or float32 `[..., 3]`, values in [0, 255]) to its compute dtype.
+
+    Args:
+        input_normalization: "imagenet" (default: mean (0.485, 0.456, 0.406), stddev (0.229, 0.224, 0.225)) or a
+            pair `(mean, stddev)` of 3 floats each, on the [0, 1] scale, stddev > 0.
+
+    Returns:
+        A `keras.layers.Rescaling` layer named "input_normalization".
+
+    Raises:
+        ValueError: for anything else, naming the value.
+    """
+    if isinstance(input_normalization, str):
+        if input_normalization != "imagenet":
+            raise ValueError("Argument `input_normalization` must be None, 'imagenet' or a pair (mean, stddev) of "
+                             f"3 floats each. Received: input_normalization={input_normalization!r}")
+        mean, stddev = IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
+    else:
+        try:
+            mean, stddev = input_normalization
+            mean = [float(v) for v in mean]
+            stddev = [float(v) for v in stddev]
+        except (TypeError, ValueError):
+            mean = stddev = ()
+        if len(mean) != 3 or len(stddev) != 3 or min(stddev) <= 0:
+            raise ValueError("Argument `input_normalization` must be None, 'imagenet' or a pair (mean, stddev) of "
+                             f"3 floats each, stddev > 0. Received: input_normalization={input_normalization!r}")
+    # float32 constants, computed as normalize_images computes them, so host and model agree bit for bit in float32.
+    scale = [float(np.float32(1.0 / (255.0 * s))) for s in stddev]
+    offset = [-float(np.float32(m / s)) for m, s in zip(mean, stddev)]
+    return keras.layers.Rescaling(scale, offset, name=INPUT_NORMALIZATION_LAYER)
+
+
+def _model_input(image_size, input_normalization):
+    """The `keras.Input` and the tensor the stem reads: normalised in the model when `input_normalization`."""
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    if input_normalization is None:
+        return inputs, inputs
+    return inputs, input_normalization_layer(input_normalization)(inputs)
 
 
 def default_norm_layer(**kwargs) -> keras.layers.Layer:
@@ -146,6 +203,7 @@ def resnet_imagenet(
     norm_layer: NormLayerFactory | None = None,
     weight_decay: float = 0.0,
     name: str | None = None,
+    input_normalization=None,
 ) -> keras.Model:
     """Builds an ImageNet ResNet v1.5 (He et al., arXiv:1512.03385; Goyal et al., arXiv:1706.02677).
 
@@ -159,13 +217,18 @@ def resnet_imagenet(
             0.9, epsilon 1e-5).
         weight_decay: L2 weight decay on convolution and dense kernels only (gradient term `weight_decay · w`);
             0 disables it (use 0 with optimizers that apply their own decay, such as LARS). Default 0.
+        name: optional model name. Default "resnet{depth}_v1_5".
+        input_normalization: None (default: the inputs are already normalised, today's behaviour), "imagenet" or a
+            pair `(mean, stddev)` on the [0, 1] scale: the model takes raw pixel values in [0, 255] (uint8, bfloat16
+            or float32) and normalises them in its first layer (`input_normalization_layer`).
 
     Returns:
-        A `keras.Model` mapping `float32 [batch, image_size, image_size, 3]` to logits `float32 [batch, num_classes]`.
+        A `keras.Model` mapping `[batch, image_size, image_size, 3]` images (float32 normalised, or raw pixels with
+        `input_normalization`) to logits `float32 [batch, num_classes]`.
 
     Raises:
-        ValueError: for an unknown `depth`, a non-positive `num_classes` or `image_size`, or a negative
-            `weight_decay`.
+        ValueError: for an unknown `depth`, a non-positive `num_classes` or `image_size`, a negative
+            `weight_decay` or a bad `input_normalization`.
     """
     if depth not in _IMAGENET_BLOCKS:
         raise ValueError(
@@ -176,8 +239,8 @@ def resnet_imagenet(
     block, counts = _IMAGENET_BLOCKS[depth]
     b = _Builder(norm_layer, weight_decay)
 
-    inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = b.conv(64, 7, 2, "stem_conv")(inputs)
+    inputs, x = _model_input(image_size, input_normalization)
+    x = b.conv(64, 7, 2, "stem_conv")(x)
     x = b.norm("stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
@@ -199,6 +262,7 @@ def resnet_cifar(
     norm_layer: NormLayerFactory | None = None,
     weight_decay: float = 0.0,
     name: str | None = None,
+    input_normalization=None,
 ) -> keras.Model:
     """Builds a CIFAR-style ResNet-(6n+2) for small images (He et al., arXiv:1512.03385, §4.2).
 
@@ -210,9 +274,12 @@ def resnet_cifar(
         width: filter multiplier; stages have 16·width, 32·width and 64·width filters. Default 1.
         norm_layer: see `resnet_imagenet`.
         weight_decay: see `resnet_imagenet`.
+        name: optional model name. Default "resnet{depth}_cifar".
+        input_normalization: see `resnet_imagenet` (None, the default, keeps normalised float32 inputs).
 
     Returns:
-        A `keras.Model` mapping `float32 [batch, image_size, image_size, 3]` to logits `float32 [batch, num_classes]`.
+        A `keras.Model` mapping `[batch, image_size, image_size, 3]` images (float32 normalised, or raw pixels with
+        `input_normalization`) to logits `float32 [batch, num_classes]`.
 
     Raises:
         ValueError: if `depth` is not 6n+2 with n >= 1, or another argument is out of range.
@@ -225,8 +292,8 @@ def resnet_cifar(
     blocks_per_stage = (depth - 2) // 6
     b = _Builder(norm_layer, weight_decay)
 
-    inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = b.conv(16 * width, 3, 1, "stem_conv")(inputs)
+    inputs, x = _model_input(image_size, input_normalization)
+    x = b.conv(16 * width, 3, 1, "stem_conv")(x)
     x = b.norm("stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     for stage in range(3):

@@ -17,8 +17,21 @@ arXiv:1512.03385): zero-pad by a few pixels, crop back to the original size at a
 better choice for tiny images such as 28x28 Fashion-MNIST, where an 8 % area crop leaves a few pixels.
 
 All functions take a scalar `tf.string` of JPEG bytes (grey or colour; grey is decoded to 3 channels) and return
-float32 `[image_size, image_size, 3]` with values in [0, 255] (not yet normalised); `normalize_images` maps them to
+`[image_size, image_size, 3]` pixel values in [0, 255] (not yet normalised): float32 by default, or uint8 (rounded)
+or bfloat16 with `dtype=`. uint8 is the cheapest output on the host: the random flip then moves 1 byte per value
+instead of 4, and the normalisation runs inside the model, on the accelerator, as in the TPU reference
+(`tfscale.models.resnet_imagenet(..., input_normalization="imagenet")`). `normalize_images` maps pixels to
 `(x / 255 - mean) / std` in the requested dtype and works on one image or on a batch.
+
+Randomness: with `seed` (an int) the crop and flip use stateful random ops with op-level seeds, whose sequence is
+shared by all the parallel calls of a `tf.data` map (so which image gets which crop depends on thread timing). With
+`stateless_seed` (an int64 `[2]` tensor, one per image, e.g. from `tf.data.Dataset.random`) they use TensorFlow's
+stateless random ops: the crop and flip of an image are a function of its seed alone, so a pipeline is
+reproducible whatever its parallelism. `tfscale.data.imagenet_dataset` uses stateless seeds.
+
+`preprocess_pixels_for_train` applies the training recipe to already decoded uint8 pixels: it serves the decoded-image
+cache (`imagenet_dataset(..., cache="decoded")`), where the JPEG is decoded once and the random crop and flip still
+change every epoch.
 """
 
 import numpy as np
@@ -38,6 +51,8 @@ DEFAULT_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 TRAIN_CROP_MODES = ("inception", "pad_and_crop")
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+#: dtypes of un-normalised pixel values in [0, 255] (bfloat16 and float16 hold the integers 0..255 exactly).
+PIXEL_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 
 
 def validate_range(name, value, low, high):
@@ -145,6 +160,7 @@ def sample_crop_window(
     max_attempts=10,
     min_object_covered=0.1,
     seed=None,
+    stateless_seed=None,
 ):
     """Samples a random crop window with `tf.image.sample_distorted_bounding_box`.
 
@@ -156,7 +172,9 @@ def sample_crop_window(
       aspect_ratio_range: pair of floats > 0, crop width / height. Default (3/4, 4/3).
       max_attempts: int > 0, tries before the sampler returns the whole image. Default 10.
       min_object_covered: float in [0, 1], minimum fraction of the (whole-image) box covered. Default 0.1.
-      seed: optional int, op-level seed.
+      seed: optional int, op-level seed (stateful sampler).
+      stateless_seed: optional int32/int64 `[2]` tensor; when given, `tf.image.stateless_sample_distorted_bounding_box`
+        samples the window as a function of this seed alone and `seed` is ignored.
 
     Returns:
       A pair `(window, found)`: int32 `[4]` window `(offset_y, offset_x, crop_height, crop_width)` in pixels, and
@@ -170,17 +188,20 @@ def sample_crop_window(
     if not isinstance(max_attempts, int) or max_attempts <= 0:
         raise ValueError(f"Argument `max_attempts` must be an int > 0. Received: max_attempts={max_attempts!r}")
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
-    kwargs = {"seed": seed} if seed is not None else {}
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        image_shape,
+    kwargs = dict(
         bounding_boxes=bbox,
         min_object_covered=min_object_covered,
         aspect_ratio_range=aspect_ratio_range,
         area_range=area_range,
         max_attempts=max_attempts,
         use_image_if_no_bounding_boxes=True,
-        **kwargs,
     )
+    if stateless_seed is not None:
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(image_shape, seed=stateless_seed, **kwargs)
+    else:
+        if seed is not None:
+            kwargs["seed"] = seed
+        begin, size, _ = tf.image.sample_distorted_bounding_box(image_shape, **kwargs)
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
     found = tf.logical_not(tf.logical_and(tf.equal(size[0], image_shape[0]), tf.equal(size[1], image_shape[1])))
     # A successful sample may legitimately be the whole image when area_range reaches 1 and the image is
@@ -198,6 +219,9 @@ def preprocess_for_train(
     resize_method="bilinear",
     flip=True,
     seed=None,
+    *,
+    stateless_seed=None,
+    dtype="float32",
 ):
     """The TPU-reference training recipe on one JPEG (Ying et al., arXiv:1811.06992).
 
@@ -213,10 +237,14 @@ def preprocess_for_train(
       central_fraction: float in (0, 1], fallback centre-crop fraction. Default 224/256.
       resize_method: one of "bilinear" (default), "bicubic", "area", "nearest".
       flip: bool, random left-right flip. Default True.
-      seed: optional int, op-level seed of the crop sampler and the flip.
+      seed: optional int, op-level seed of the crop sampler and the flip (stateful random ops).
+      stateless_seed: optional int64 `[2]` tensor; when given, the crop and the flip are stateless functions of it
+        (see the module docstring) and `seed` is ignored. Default None.
+      dtype: dtype of the returned pixels: "float32" (default), "uint8" (rounded), "bfloat16" or "float16". The
+        flip runs after the cast, so uint8 also makes it 4x cheaper.
 
     Returns:
-      float32 `[image_size, image_size, 3]`, values in [0, 255].
+      `dtype [image_size, image_size, 3]`, values in [0, 255].
 
     Raises:
       ValueError: for bad arguments.
@@ -224,17 +252,85 @@ def preprocess_for_train(
     """
     _validate_image_size(image_size)
     _validate_resize_method(resize_method)
+    dtype = pixel_dtype(dtype)
     shape = tf.io.extract_jpeg_shape(image_bytes)
-    window, found = sample_crop_window(shape, area_range, aspect_ratio_range, max_attempts, seed=seed)
-    window = tf.cond(found, lambda: window, lambda: center_crop_window(shape, central_fraction))
+    window = _train_window(shape, area_range, aspect_ratio_range, max_attempts, central_fraction, seed,
+                           stateless_seed)
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    image = _resize(image, image_size, resize_method)
-    if flip:
-        image = tf.image.random_flip_left_right(image, seed=_other_seed(seed))
-    return image
+    image = to_pixels(_resize(image, image_size, resize_method), dtype)
+    return _random_flip(image, seed, stateless_seed) if flip else image
 
 
-def pad_and_random_crop(image, pad_pixels=4, seed=None):
+def preprocess_pixels_for_train(
+    image,
+    image_size,
+    train_crop="inception",
+    area_range=DEFAULT_AREA_RANGE,
+    aspect_ratio_range=DEFAULT_ASPECT_RATIO_RANGE,
+    max_attempts=10,
+    central_fraction=DEFAULT_CENTRAL_FRACTION,
+    pad_pixels=4,
+    resize_method="bilinear",
+    flip=True,
+    seed=None,
+    *,
+    stateless_seed=None,
+    dtype="float32",
+):
+    """The training recipe on already decoded pixels (the decoded-image cache of `imagenet_dataset`).
+
+    "inception": the same crop sampling as `preprocess_for_train`, then a slice of the pixels instead of the fused
+    decode-and-crop (the two differ by a few levels at the crop's edges, where libjpeg's chroma upsampling sees
+    different neighbours), resize and flip. "pad_and_crop": as `preprocess_small_image_for_train`.
+
+    Args:
+      image: uint8 `[height, width, 3]`, the whole decoded image.
+      image_size: int > 0, output height and width in pixels.
+      train_crop: "inception" (default) or "pad_and_crop".
+      area_range, aspect_ratio_range, max_attempts, central_fraction: as in `preprocess_for_train`.
+      pad_pixels: int >= 0, "pad_and_crop" zero padding per side in pixels. Default 4.
+      resize_method, flip, seed, stateless_seed, dtype: as in `preprocess_for_train`.
+
+    Returns:
+      `dtype [image_size, image_size, 3]`, values in [0, 255].
+
+    Raises:
+      ValueError: for bad arguments.
+    """
+    _validate_image_size(image_size)
+    _validate_resize_method(resize_method)
+    dtype = pixel_dtype(dtype)
+    if train_crop == "inception":
+        shape = tf.shape(image)
+        window = _train_window(shape, area_range, aspect_ratio_range, max_attempts, central_fraction, seed,
+                               stateless_seed)
+        image = tf.slice(image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], -1]))
+    elif train_crop == "pad_and_crop":
+        image = pad_and_random_crop(image, pad_pixels, seed=seed, stateless_seed=stateless_seed)
+    else:
+        raise ValueError(
+            f"Argument `train_crop` must be one of {list(TRAIN_CROP_MODES)}. Received: train_crop={train_crop!r}"
+        )
+    image = to_pixels(_resize(image, image_size, resize_method), dtype)
+    return _random_flip(image, seed, stateless_seed) if flip else image
+
+
+def _train_window(shape, area_range, aspect_ratio_range, max_attempts, central_fraction, seed, stateless_seed):
+    """The sampled crop window, or the centre crop when the sampler gave up (TPU reference)."""
+    window, found = sample_crop_window(shape, area_range, aspect_ratio_range, max_attempts, seed=seed,
+                                       stateless_seed=stateless_seed)
+    return tf.cond(found, lambda: window, lambda: center_crop_window(shape, central_fraction))
+
+
+def _random_flip(image, seed, stateless_seed):
+    """Random left-right flip of `[h, w, c]`: stateless with `stateless_seed`, else with op seed `seed + 1`."""
+    if stateless_seed is not None:
+        # An independent stream: the crop used `stateless_seed` itself.
+        return tf.image.stateless_random_flip_left_right(image, _other_stateless_seed(stateless_seed))
+    return tf.image.random_flip_left_right(image, seed=_other_seed(seed))
+
+
+def pad_and_random_crop(image, pad_pixels=4, seed=None, *, stateless_seed=None):
     """CIFAR-style augmentation: zero-pad every side by `pad_pixels`, crop the original size at a random offset.
 
     Reference: He et al., "Deep Residual Learning for Image Recognition", arXiv:1512.03385, section 4.2.
@@ -243,6 +339,8 @@ def pad_and_random_crop(image, pad_pixels=4, seed=None):
       image: uint8 or float `[height, width, 3]`.
       pad_pixels: int >= 0, padding on each side in pixels. Default 4.
       seed: optional int, op-level seed.
+      stateless_seed: optional int64 `[2]` tensor; when given, `tf.image.stateless_random_crop` is used and `seed`
+        is ignored.
 
     Returns:
       A tensor of the same dtype and shape `[height, width, 3]`.
@@ -256,11 +354,14 @@ def pad_and_random_crop(image, pad_pixels=4, seed=None):
         return image
     shape = tf.shape(image)
     padded = tf.pad(image, [[pad_pixels, pad_pixels], [pad_pixels, pad_pixels], [0, 0]])
+    if stateless_seed is not None:
+        return tf.image.stateless_random_crop(padded, shape, seed=stateless_seed)
     return tf.image.random_crop(padded, shape, seed=seed)
 
 
 def preprocess_small_image_for_train(
-    image_bytes, image_size, pad_pixels=4, resize_method="bilinear", flip=True, seed=None
+    image_bytes, image_size, pad_pixels=4, resize_method="bilinear", flip=True, seed=None, *, stateless_seed=None,
+    dtype="float32",
 ):
     """Training recipe for small images (e.g. 28x28 Fashion-MNIST): full decode, pad-and-crop, resize, flip.
 
@@ -272,9 +373,11 @@ def preprocess_small_image_for_train(
       resize_method: one of "bilinear" (default), "bicubic", "area", "nearest".
       flip: bool, random left-right flip. Default True.
       seed: optional int, op-level seed.
+      stateless_seed: optional int64 `[2]` tensor: stateless crop and flip (see `preprocess_for_train`).
+      dtype: dtype of the returned pixels, "float32" (default), "uint8", "bfloat16" or "float16".
 
     Returns:
-      float32 `[image_size, image_size, 3]`, values in [0, 255].
+      `dtype [image_size, image_size, 3]`, values in [0, 255].
 
     Raises:
       ValueError: for bad arguments.
@@ -282,16 +385,16 @@ def preprocess_small_image_for_train(
     """
     _validate_image_size(image_size)
     _validate_resize_method(resize_method)
+    dtype = pixel_dtype(dtype)
     image = tf.io.decode_jpeg(image_bytes, channels=3)
-    image = pad_and_random_crop(image, pad_pixels, seed=seed)
-    image = _resize(image, image_size, resize_method)
-    if flip:
-        image = tf.image.random_flip_left_right(image, seed=_other_seed(seed))
-    return image
+    image = pad_and_random_crop(image, pad_pixels, seed=seed, stateless_seed=stateless_seed)
+    image = to_pixels(_resize(image, image_size, resize_method), dtype)
+    return _random_flip(image, seed, stateless_seed) if flip else image
 
 
 def preprocess_for_eval(
-    image_bytes, image_size, central_fraction=DEFAULT_CENTRAL_FRACTION, resize_method="bilinear"
+    image_bytes, image_size, central_fraction=DEFAULT_CENTRAL_FRACTION, resize_method="bilinear", *,
+    dtype="float32",
 ):
     """The evaluation recipe: fused centre crop of `central_fraction` of the shorter side, then resize.
 
@@ -303,9 +406,10 @@ def preprocess_for_eval(
       central_fraction: float in (0, 1], fraction of the shorter side kept. Default 224/256 (TPU reference).
         Use 1.0 for tiny images that must not lose their border.
       resize_method: one of "bilinear" (default), "bicubic", "area", "nearest".
+      dtype: dtype of the returned pixels, "float32" (default), "uint8" (rounded), "bfloat16" or "float16".
 
     Returns:
-      float32 `[image_size, image_size, 3]`, values in [0, 255].
+      `dtype [image_size, image_size, 3]`, values in [0, 255].
 
     Raises:
       ValueError: for bad arguments.
@@ -313,8 +417,9 @@ def preprocess_for_eval(
     """
     _validate_image_size(image_size)
     _validate_resize_method(resize_method)
+    dtype = pixel_dtype(dtype)
     image = decode_and_center_crop(image_bytes, central_fraction)
-    return _resize(image, image_size, resize_method)
+    return to_pixels(_resize(image, image_size, resize_method), dtype)
 
 
 def normalize_images(images, mean=IMAGENET_MEAN_RGB, stddev=IMAGENET_STDDEV_RGB, dtype="float32"):
@@ -370,6 +475,51 @@ def output_dtype(dtype):
     if name not in OUTPUT_DTYPES:
         raise ValueError(f"Argument `dtype` must be one of {list(OUTPUT_DTYPES)}. Received: dtype={dtype!r}")
     return tf.as_dtype(name)
+
+
+def pixel_dtype(dtype):
+    """Returns the `tf.DType` for un-normalised pixels: "uint8", "bfloat16", "float16" or "float32".
+
+    Args:
+      dtype: str or `tf.DType`.
+
+    Returns:
+      The `tf.DType`.
+
+    Raises:
+      ValueError: for any other dtype.
+    """
+    name = tf.as_dtype(dtype).name if isinstance(dtype, tf.DType) else dtype
+    if name not in PIXEL_DTYPES:
+        raise ValueError(f"Argument `dtype` must be one of {list(PIXEL_DTYPES)}. Received: dtype={dtype!r}")
+    return tf.as_dtype(name)
+
+
+def to_pixels(image, dtype="uint8"):
+    """Casts float32 pixel values in [0, 255] to `dtype`; uint8 is rounded to the nearest level.
+
+    Args:
+      image: float32 `[..., 3]`, values in [0, 255] (e.g. the output of a bilinear resize of uint8 pixels).
+      dtype: "uint8" (default), "bfloat16", "float16" or "float32" (or the matching `tf.DType`).
+
+    Returns:
+      `image` in `dtype`, same shape.
+
+    Raises:
+      ValueError: for an unsupported `dtype`.
+    """
+    dtype = pixel_dtype(dtype)
+    if dtype == tf.uint8:
+        # The inputs lie in [0, 255] (bilinear/area/nearest of uint8; bicubic is clipped in _resize), so adding
+        # 0.5 and truncating rounds without a clip.
+        return tf.cast(image + 0.5, tf.uint8)
+    return tf.cast(image, dtype)
+
+
+def _other_stateless_seed(seed):
+    """A second stateless seed derived from `seed` (int32/int64 `[2]`), for an independent stream."""
+    seed = tf.convert_to_tensor(seed)
+    return seed + tf.constant([0, 1], seed.dtype)
 
 
 def _other_seed(seed):
