@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfscale.data import integrity
 from tfscale.data import preprocessing
 from tfscale.data import records
 
@@ -65,6 +66,8 @@ class SkippedRecordCounter:
             )
         with tf.init_scope(), tf.device("/CPU:0"):
             self._variable = tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+            self._by_reason = tf.Variable(tf.zeros([len(integrity.SKIP_REASONS)], tf.int64), trainable=False,
+                                          name=name + "_by_reason")
 
     @property
     def variable(self):
@@ -75,13 +78,26 @@ class SkippedRecordCounter:
         """Adds `n` (int64 scalar tensor) to the count; returns the assign op (usable inside tf.data functions)."""
         return self._variable.assign_add(tf.cast(n, tf.int64), read_value=False)
 
+    def add_by_reason(self, counts):
+        """Adds `counts` (int64 `[len(SKIP_REASONS)]`, index 0 ignored) to the per-reason counts and their sum to
+        the total; returns the op (usable inside tf.data functions)."""
+        counts = tf.cast(counts, tf.int64) * tf.constant([0] + [1] * (len(integrity.SKIP_REASONS) - 1), tf.int64)
+        return tf.group(self._by_reason.assign_add(counts, read_value=False), self.add(tf.reduce_sum(counts)))
+
     def result(self):
         """Returns the total number of skipped records so far, as a Python int."""
         return int(self._variable.numpy())
 
+    def result_by_reason(self):
+        """Returns {reason name: count} of the skipped records counted per reason (`integrity.SKIP_REASONS`),
+        only the reasons with a count > 0. Records counted with `add` (no reason) are not in it."""
+        counts = self._by_reason.numpy()
+        return {integrity.SKIP_REASONS[i]: int(c) for i, c in enumerate(counts) if i and c}
+
     def reset(self):
-        """Sets the count back to 0."""
+        """Sets the counts back to 0."""
         self._variable.assign(0)
+        self._by_reason.assign(tf.zeros_like(self._by_reason))
 
 
 class SkippedRecordsLogger(keras.callbacks.Callback):
@@ -120,7 +136,9 @@ class SkippedRecordsLogger(keras.callbacks.Callback):
             logs["skipped_records"] = total
             logs["skipped_records_epoch"] = delta
         if self.verbose and delta:
-            self.print_fn(f"Epoch {epoch + 1}: skipped {delta} bad input records ({total} in total).")
+            reasons = ", ".join(f"{name}: {n}" for name, n in self.counter.result_by_reason().items())
+            self.print_fn(f"Epoch {epoch + 1}: skipped {delta} bad input records ({total} in total"
+                          + (f"; by reason since the start: {reasons}" if reasons else "") + ").")
 
 
 def _validate_positive_int(name, value):
@@ -179,6 +197,8 @@ def imagenet_dataset(
     data_service_address=None,
     data_service_job_name="tfscale_input",
     seed=None,
+    fail_fast_records=integrity.DEFAULT_FAIL_FAST_RECORDS,
+    max_pixels_per_byte=integrity.DEFAULT_MAX_PIXELS_PER_BYTE,
 ):
     """Builds the input pipeline of JPEG TFRecords: files → shard → interleave → decode/crop → batch → prefetch.
 
@@ -244,6 +264,14 @@ def imagenet_dataset(
         once per epoch across all workers and consumers), and this host only receives batches.
       data_service_job_name: str, job shared by all consumers of the service. Default "tfscale_input".
       seed: optional int, seed of the file and record shuffles and the crop/flip ops.
+      fail_fast_records: int > 0 or None. When the first `fail_fast_records` records of this pipeline's stream,
+        or its whole first pass, yield no usable example, iterating raises `tf.errors.InvalidArgumentError`
+        whose message starts with `integrity.FAIL_FAST_MARKER` and names `file_pattern`, the most common skip
+        reason and the key settings (instead of spinning forever on a repeated stream of bad records). Default
+        1,000; None keeps only the whole-pass check. Not applied with `data_service_address`.
+      max_pixels_per_byte: int > 0 or None, records whose JPEG header claims more pixels per byte of image data
+        than this are skipped ("image header larger than its data can hold", e.g. 9000x9000 on a 28x28 image).
+        Default 1,024 (an honest baseline JPEG has at most 512); None disables the check.
 
     Returns:
       A `tf.data.Dataset` of `(images, labels)`: images `dtype [batch_size, image_size, image_size, 3]`
@@ -251,8 +279,22 @@ def imagenet_dataset(
 
     Raises:
       ValueError: if no file matches `file_pattern`, or an argument is out of range (the message names it).
+
+    A record file damaged in the middle (truncated, corrupt framing) ends at the damage: the records before it are
+    read, the rest of that file is lost without stopping the other files. `integrity.verify_record_files` names
+    such files and their readable counts before training (scripts/train.py does, with `--on_damaged_file`).
     """
     _validate_positive_int("image_size", image_size)
+    if max_pixels_per_byte is not None:
+        _validate_positive_int("max_pixels_per_byte", max_pixels_per_byte)
+    fail_fast = integrity.FailFast(
+        fail_fast_records,
+        f"Files: {file_pattern}; image_key={image_key}, label_key={label_key}, label_offset={label_offset}, "
+        f"num_classes={num_classes}. Presets: TPU reference / Model Garden records use image_key="
+        f"{integrity.KEY_PRESETS['tpu'][0]}, label_key={integrity.KEY_PRESETS['tpu'][1]}, label_offset=1; TFDS "
+        f"records image_key={integrity.KEY_PRESETS['tfds'][0]}, label_key={integrity.KEY_PRESETS['tfds'][1]}, "
+        "label_offset=0.",
+    )
     _validate_positive_int("batch_size", batch_size)
     _validate_positive_int("cycle_length", cycle_length)
     _validate_positive_int("max_pixels", max_pixels)
@@ -308,7 +350,8 @@ def imagenet_dataset(
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
 
     def read_file(filename):
-        records_ds = tf.data.TFRecordDataset(filename, buffer_size=read_buffer_bytes)
+        # A damaged file (truncated, corrupt framing) ends at the damage instead of silently ending the stream.
+        records_ds = tf.data.TFRecordDataset(filename, buffer_size=read_buffer_bytes).ignore_errors()
         # Record sharding happens inside each file, so it is a partition whatever the interleave order.
         return records_ds.shard(num_pipelines, pipeline_id) if shard_records else records_ds
 
@@ -319,6 +362,11 @@ def imagenet_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
+    # A repeated stream gets a sentinel at the end of every pass (before the shuffle mixes the passes), so an
+    # all-bad pass still reaches the fail-fast check; a finite stream gets its sentinel last, below.
+    pass_sentinels = repeat and cache != "decoded" and data_service_address is None
+    if pass_sentinels:
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(tf.constant(_SENTINEL)))
     if cache == "raw":
         ds = ds.cache()
     if repeat and cache != "decoded":
@@ -327,28 +375,15 @@ def imagenet_dataset(
         ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
 
     def decode(serialized):
-        features = tf.io.parse_single_example(
-            serialized,
-            {
-                image_key: tf.io.FixedLenFeature([], tf.string),
-                label_key: tf.io.FixedLenFeature([], tf.int64),
-            },
-        )
-        image_bytes = features[image_key]
-        label = tf.cast(features[label_key] - label_offset, tf.int32)
-        checks = []
-        if num_classes is not None:
-            checks.append(
-                tf.debugging.assert_less(label, num_classes, message="label out of range")
-            )
-        checks.append(tf.debugging.assert_non_negative(label, message="label out of range"))
-        shape = tf.io.extract_jpeg_shape(image_bytes, output_type=tf.int64)
-        checks.append(
-            tf.debugging.assert_less_equal(shape[0] * shape[1], tf.constant(max_pixels, tf.int64),
-                                           message="image above max_pixels")
-        )
-        with tf.control_dependencies(checks):
-            image_bytes = tf.identity(image_bytes)
+        # Known problems give a reason code without a failing op (no error, no log line); only a usable record's
+        # JPEG is decoded, and a decoder failure is dropped by ignore_errors() and counted from the numbering.
+        image_bytes, label, reason = integrity.check_example(
+            serialized, image_key, label_key, label_offset, num_classes, max_pixels, max_pixels_per_byte)
+        blank = tf.zeros([image_size, image_size, 3], out_dtype)
+        image = tf.cond(tf.equal(reason, integrity.OK), lambda: decode_image(image_bytes), lambda: blank)
+        return image, label, reason
+
+    def decode_image(image_bytes):
         if not is_training:
             image = preprocessing.preprocess_for_eval(image_bytes, image_size, central_fraction, resize_method)
         elif train_crop == "inception":
@@ -368,45 +403,63 @@ def imagenet_dataset(
                 image_bytes, image_size, pad_pixels, resize_method, flip, seed
             )
         # Normalised per image, inside the parallel map (cheaper than on the batch; see normalize_images).
-        return preprocessing.normalize_images(image, mean, stddev, out_dtype), label
+        return preprocessing.normalize_images(image, mean, stddev, out_dtype)
 
     count_on_client = skip_counter is not None and data_service_address is not None
-    if skip_counter is None:
-        # Nothing to count: bad records are dropped by ignore_errors() after a plain parallel map (fastest).
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic).ignore_errors()
-    else:
-        # Exact counting: number the records, decode them in parallel but in order, let ignore_errors() drop the
-        # failures, and count the gaps in the numbering. A sentinel record closes a finite stream so that
-        # failures at its very end are counted too (not with the data service, whose workers split the files).
-        if not repeat and data_service_address is None:
-            ds = ds.concatenate(tf.data.Dataset.from_tensors(tf.constant(_SENTINEL)))
-        blank = (tf.zeros([image_size, image_size, 3], out_dtype), tf.constant(-1, tf.int32))
+    # Exact counting: number the records, decode them in parallel but in order, let ignore_errors() drop the
+    # decoder's failures, and count the gaps in the numbering plus the records skipped with a reason. A sentinel
+    # record closes a finite stream so that failures at its very end are counted too (not with the data service,
+    # whose workers split the files). Without a counter the records are numbered all the same, for the fail-fast
+    # check (`integrity.FailFast`).
+    if not repeat and data_service_address is None:
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(tf.constant(_SENTINEL)))
+    blank = (tf.zeros([image_size, image_size, 3], out_dtype), tf.constant(-1, tf.int32),
+             tf.constant(integrity.OK))
 
-        def decode_numbered(index, serialized):
-            is_sentinel = tf.equal(serialized, _SENTINEL)
-            image, label = tf.cond(is_sentinel, lambda: blank, lambda: decode(serialized))
-            return index, image, label, is_sentinel
+    def decode_numbered(index, serialized):
+        is_sentinel = tf.equal(serialized, _SENTINEL)
+        image, label, reason = tf.cond(is_sentinel, lambda: blank, lambda: decode(serialized))
+        return index, image, label, reason, is_sentinel
 
-        def count_gaps(previous_index, element):
-            index, image, label, is_sentinel = element
-            return index, (image, label, index - previous_index - 1, is_sentinel)
-
-        ds = ds.enumerate()
-        ds = ds.map(decode_numbered, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-        ds = ds.scan(tf.constant(-1, tf.int64), count_gaps)
-        if count_on_client:
-            # The service workers cannot update this host's variable: the gaps travel with the batch instead.
-            ds = ds.filter(lambda image, label, gap, is_sentinel: tf.logical_not(is_sentinel))
-            ds = ds.map(lambda image, label, gap, is_sentinel: (image, label, gap))
+    def account(state, element):
+        index, image, label, reason, is_sentinel = element
+        if data_service_address is None:
+            state, gap = fail_fast.step(state, index, reason, is_sentinel)
         else:
+            gap = index - state - 1
+            state = index
+        counts = tf.one_hot(reason, len(integrity.SKIP_REASONS), dtype=tf.int64) * tf.cast(
+            tf.logical_not(is_sentinel), tf.int64)
+        counts += tf.one_hot(integrity.DECODE_FAILED, len(integrity.SKIP_REASONS), dtype=tf.int64) * gap
+        keep = tf.logical_and(tf.logical_not(is_sentinel), tf.equal(reason, integrity.OK))
+        return state, (image, label, counts, keep)
 
-            def count_and_keep(image, label, gap, is_sentinel):
-                del image, label
-                counted = tf.cond(gap > 0, lambda: skip_counter.add(gap), tf.no_op)
-                with tf.control_dependencies([counted]):
-                    return tf.logical_not(is_sentinel)
+    initial = fail_fast.initial_state() if data_service_address is None else tf.constant(-1, tf.int64)
+    ds = ds.enumerate()
+    ds = ds.map(decode_numbered, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.scan(initial, account)
+    if count_on_client:
+        # The service workers cannot update this host's variable: the counts of skipped records travel with the
+        # next kept record inside the batch instead, and are added on the consuming host.
+        def carry(pending, element):
+            image, label, counts, keep = element
+            total = pending + counts
+            return tf.where(keep, tf.zeros_like(total), total), (image, label, total, keep)
 
-            ds = ds.filter(count_and_keep)
+        ds = ds.scan(tf.zeros([len(integrity.SKIP_REASONS)], tf.int64), carry)
+        ds = ds.filter(lambda image, label, counts, keep: keep)
+        ds = ds.map(lambda image, label, counts, keep: (image, label, counts))
+    elif skip_counter is None:
+        ds = ds.filter(lambda image, label, counts, keep: keep)
+    else:
+
+        def count_and_keep(image, label, counts, keep):
+            del image, label
+            counted = tf.cond(tf.reduce_sum(counts) > 0, lambda: skip_counter.add_by_reason(counts), tf.no_op)
+            with tf.control_dependencies([counted]):
+                return tf.identity(keep)
+
+        ds = ds.filter(count_and_keep)
     if not count_on_client:
         ds = ds.map(lambda image, label, *_: (image, label))
     if cache == "decoded":
@@ -427,8 +480,8 @@ def imagenet_dataset(
         )
         if count_on_client:
 
-            def count_on_host(images, labels, gaps):
-                with tf.control_dependencies([skip_counter.add(tf.reduce_sum(gaps))]):
+            def count_on_host(images, labels, counts):
+                with tf.control_dependencies([skip_counter.add_by_reason(tf.reduce_sum(counts, axis=0))]):
                     return tf.identity(images), labels
 
             ds = ds.map(count_on_host)
