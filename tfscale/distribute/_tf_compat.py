@@ -470,3 +470,29 @@ def multi_worker_local_devices(num_cpu_devices):
     finally:
         cls._initialize_local_devices = original
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keras BackupAndRestore internals used by tfscale.training.backup.SafeBackupAndRestore (Keras 3.15).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def backup_file_paths(callback):
+    """Returns ``(weights_path, metadata_path)`` of a `keras.callbacks.BackupAndRestore`.
+
+    Keras keeps them in the non-public ``_weights_path`` and ``_training_metadata_path``; without them (another
+    Keras version) the names Keras 3.15 uses are built from the public ``backup_dir``.
+    """
+    weights = getattr(callback, "_weights_path", None) or os.path.join(callback.backup_dir, "latest.weights.h5")
+    metadata = getattr(callback, "_training_metadata_path", None) or os.path.join(
+        callback.backup_dir, "training_metadata.json")
+    return str(weights), str(metadata)
+
+
+def set_resume_epoch(model, epoch):
+    """Makes the next `model.fit` start at `epoch` (int >= 0), as `BackupAndRestore` does on restore.
+
+    Keras 3.15's `fit` reads the non-public ``model._initial_epoch`` (set by `BackupAndRestore._load_model`) in
+    place of its `initial_epoch` argument. 0 (or None) restores the argument's value.
+    """
+    model._initial_epoch = epoch or None
