@@ -47,10 +47,11 @@ def define_flags():
     flags.DEFINE_list("models", ["resnet50", "small"], "Gradient shapes: resnet50, small.")
     flags.DEFINE_list(
         "algorithms",
-        ["torus", "ring", "hierarchical", "hierarchical_reduce", "reduction_to_one_device",
+        ["torus", "ring", "hierarchical", "hierarchical_reduce", "halving_doubling", "reduction_to_one_device",
          "hierarchical_copy_0", "hierarchical_copy_1", "collective", "floor_fused",
          "floor_per_tensor"],
-        "Ops to time (see the module docstring).",
+        "Ops to time (see the module docstring): any algorithm of tfscale's registry "
+        "(tfscale.distribute.algorithms), hierarchical_reduce, TF's built-ins and the floors.",
     )
     flags.DEFINE_integer("reps", 7, "Timed repetitions per op (median reported).")
     flags.DEFINE_integer("warmup", 2, "Untimed calls per op before timing.")
@@ -98,10 +99,10 @@ def _make_op(name, num_devices, bytes_per_pack, compression):
     from tfscale.distribute import strategy as strategy_lib
 
     kwargs = dict(
-        bytes_per_pack=local.DEFAULT_BYTES_PER_PACK if bytes_per_pack is None else bytes_per_pack,
+        bytes_per_pack=local.IN_PROCESS_BYTES_PER_PACK if bytes_per_pack is None else bytes_per_pack,
         compression=compression,
     )
-    if name in ("torus", "hierarchical", "ring"):
+    if name in strategy_lib.algorithm_names(include_builtins=False):
         return strategy_lib.create_cross_device_ops(name, num_devices, **kwargs)
     if name == "hierarchical_reduce":
         return strategy_lib.create_cross_device_ops(
@@ -146,12 +147,13 @@ def _build_call(name, devices, variables, flat_variables, bytes_per_pack, compre
         return floor_per_tensor
 
     if name == "collective":
+        from tfscale import distribute
         from tfscale.distribute import strategy as strategy_lib
 
         # Own collective key range per strategy (see strategy._one_process_strategy).
         strategy = strategy_lib._one_process_strategy(  # pylint: disable=protected-access
             devices, None)
-        op = strategy.extended._cross_device_ops  # pylint: disable=protected-access
+        op = distribute.get_cross_device_ops(strategy)
     else:
         op = _make_op(name, len(devices), bytes_per_pack, compression)
 

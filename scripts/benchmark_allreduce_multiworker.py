@@ -47,7 +47,11 @@ import time
 from absl import app
 from absl import flags
 
-ALGORITHMS = ("default", "ring", "torus", "hierarchical", "torus_rs")
+# "default" is MWMS's own all-reduce; the others come from tfscale's registry (TensorFlow-free import);
+# "torus_rs" is the torus with small_pack_bytes=0.
+from tfscale.distribute import algorithms as _algorithms  # noqa: E402
+
+ALGORITHMS = ("default", *_algorithms.algorithm_names(), "torus_rs")
 CASES = ("small", "large")
 
 
@@ -124,7 +128,9 @@ def run_worker(flags_obj):
     import numpy as np
     import tensorflow as tf
 
-    base = strategy.tfscale_all_reduce
+    from tfscale.distribute import strategy_handle
+
+    base = strategy_handle(strategy).all_reduce
     num_workers = base.num_workers
     device = strategy.extended.worker_devices[0]
     reducers = {"default": None}

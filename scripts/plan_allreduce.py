@@ -51,7 +51,11 @@ from tfscale import planning
 
 FLAGS = flags.FLAGS
 
-_ALGORITHMS_TO_PLAN = ("ring", "halving_doubling", "hierarchical", "torus")
+def _algorithms_to_plan():
+    """Every algorithm of the registry (tfscale.distribute.algorithms; TensorFlow-free)."""
+    from tfscale.distribute import algorithms  # pylint: disable=g-import-not-at-top
+
+    return algorithms.algorithm_names()
 _STATISTICS = {"median": statistics.median, "min": min}
 
 
@@ -102,7 +106,7 @@ def define_flags():
     flags.DEFINE_float("overlap", None, "Fraction of the all-reduce hidden behind backward, in [0, 1].")
     flags.DEFINE_integer("bytes_per_pack", None, "Fusion pack size in bytes (default: one pack).")
     flags.DEFINE_bool("fuse", True, "False: one all-reduce per gradient tensor.")
-    flags.DEFINE_list("algorithms", list(_ALGORITHMS_TO_PLAN),
+    flags.DEFINE_list("algorithms", list(_algorithms_to_plan()),
                       "Algorithms to consider (a preset may narrow the default, e.g. ying).")
     # Output.
     flags.DEFINE_string("plot", None, "PNG path: all-reduce time and efficiency against N.")
@@ -129,7 +133,9 @@ def _run_worker(flags_obj):
     strategy = collective.create_multi_worker_strategy(
         "ring", bytes_per_pack=0, timeout_seconds=flags_obj.collective_timeout_s
     )
-    ring = strategy.tfscale_all_reduce
+    from tfscale.distribute import strategy_handle  # pylint: disable=g-import-not-at-top
+
+    ring = strategy_handle(strategy).all_reduce
     num_workers, rank = ring.num_workers, ring.worker_rank
     device = ring.local_devices[0]
     reducers = [("ring", None, ring)]

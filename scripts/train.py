@@ -96,13 +96,16 @@ def define_flags():
                          "--bn_stats=recompute.")
     # Distribution.
     flags.DEFINE_integer("num_replicas", 4, "Replicas (GPUs, or logical CPU devices when there is no GPU).")
-    flags.DEFINE_string("all_reduce", "torus", "Gradient all-reduce algorithm: torus, hierarchical, ring, "
-                        "reduction_to_one_device, hierarchical_copy or collective.")
+    flags.DEFINE_string("all_reduce", "torus", "Gradient all-reduce algorithm: any name of "
+                        "tfscale.distribute.algorithm_names() (torus, hierarchical, halving_doubling, flat (alias "
+                        "ring), and TF's reduction_to_one_device, hierarchical_copy, collective).")
     flags.DEFINE_string("grid_shape", None, "Torus grid as ROWSxCOLS, e.g. 2x2 (default: the most square).")
     flags.DEFINE_integer("devices_per_node", None, "Devices per node for --all_reduce=hierarchical.")
     flags.DEFINE_integer("bytes_per_pack", None, "Tensor-fusion buffer size in bytes (default: 256 KiB in one "
                          "process, 32 MiB across processes).")
-    flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "Wire compression of the all-reduce.")
+    flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16", "float16", "bfloat16"],
+                      "Wire compression of the all-reduce (sums stay float32): fp16 (= float16) rounds to 2**-11 and "
+                      "overflows to inf above 65,504; bf16 (= bfloat16) rounds to 2**-8 with float32's range.")
     # Optimisation.
     flags.DEFINE_enum("recipe", None, ["mlperf", "mikami", "akiba", "goyal"],
                       "Sets a paper's hyperparameters together; flags given explicitly still win.")
@@ -255,47 +258,6 @@ def norm_layer(config):
                              momentum=momentum, epsilon=resnet.DEFAULT_BN_EPSILON)
 
 
-def pad_eval_batches(dataset, batch_size, num_replicas):
-    """Pads a finite evaluation dataset so every replica gets a full batch at every step; padding has weight 0.
-
-    Under `MirroredStrategy` the last evaluation step can leave some replicas with an empty or partial batch.
-    Empty batches crash oneDNN's CPU convolution in TF 2.21 (it returns the input's shape for a 0-image batch),
-    and TPUs need static shapes anyway, so, like the TPU reference's padded evaluation, the last batch is padded
-    to `batch_size` and whole padding batches are added until the number of batches divides by `num_replicas`.
-    The third element is the Keras sample weight: 1 for real images, 0 for padding, so loss, top-1 and top-5 are
-    exactly those of the real images.
-
-    Args:
-        dataset: `tf.data.Dataset` of `(images [b, H, W, C], one-hot labels [b, K])` batches, b <= batch_size.
-        batch_size: per-replica batch size (images).
-        num_replicas: replicas this input pipeline feeds.
-
-    Returns:
-        A `tf.data.Dataset` of `(images [batch_size, H, W, C], labels [batch_size, K], weights float32
-        [batch_size])`.
-    """
-    import tensorflow as tf
-
-    def pad_batch(x, y):
-        n = tf.shape(x)[0]
-        pad = batch_size - n
-        w = tf.concat([tf.ones([n], tf.float32), tf.zeros([pad], tf.float32)], 0)
-        x = tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1))
-        y = tf.pad(y, [[0, pad], [0, 0]])
-        return tf.ensure_shape(x, [batch_size] + x.shape[1:]), tf.ensure_shape(y, [batch_size] + y.shape[1:]), w
-
-    def pad_group(x, y, w):  # [k <= num_replicas, batch, ...] -> [num_replicas, batch, ...]
-        pad = num_replicas - tf.shape(x)[0]
-        return (tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1)),
-                tf.pad(y, [[0, pad], [0, 0], [0, 0]]),
-                tf.pad(w, [[0, pad], [0, 0]]))
-
-    dataset = dataset.map(pad_batch)
-    if num_replicas > 1:
-        dataset = dataset.batch(num_replicas).map(pad_group).unbatch()
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
 def build_optimizer(config, batch_schedule, num_train_examples):
     """Builds the learning-rate schedule (in epochs, continuous across batch-size phases) and the optimizer."""
     from tfscale import optimizers
@@ -333,7 +295,7 @@ def run(flags_obj) -> dict:
         compression=None if config["compression"] == "none" else config["compression"],
     )
     num_replicas = strategy.num_replicas_in_sync
-    all_reduce = getattr(strategy, "tfscale_all_reduce", None)  # set by the multi-worker path
+    all_reduce = getattr(distribute.strategy_handle(strategy), "all_reduce", None)  # set by the multi-worker path
     is_chief = all_reduce is None or all_reduce.worker_rank == 0
     print(f"{num_replicas} replicas on {list(strategy.extended.worker_devices)}, all-reduce "
           f"{config['all_reduce']}")
@@ -371,7 +333,7 @@ def run(flags_obj) -> dict:
         if is_training:
             return ds
         local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-        return pad_eval_batches(ds, ctx.get_per_replica_batch_size(global_batch), local_replicas)
+        return tdata.pad_eval_batches(ds, ctx.get_per_replica_batch_size(global_batch), local_replicas)
 
     def make_train_dataset(global_batch):
         return strategy.distribute_datasets_from_function(functools.partial(dataset_fn, global_batch, True))
@@ -402,7 +364,7 @@ def run(flags_obj) -> dict:
         tdata.SkippedRecordsLogger(skipped),
     ]
     # Across processes: one watchdog thread aborts the collectives of a step that stalls (a dead or hung peer).
-    watchdog = [strategy.tfscale_watchdog] if all_reduce is not None else []
+    watchdog = distribute.strategy_handle(strategy).callbacks()
     callbacks += watchdog
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs")))

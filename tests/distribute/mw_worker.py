@@ -87,6 +87,11 @@ def _strategy(args):
         return tf.distribute.get_strategy()
     from tfscale.distribute import collective
 
+    if args.register_toy:  # A test-only algorithm: registering it is all it takes.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import _toy_algorithm  # noqa: PLC0415
+
+        _toy_algorithm.register()
     kwargs = {} if args.small_pack_bytes < 0 else {"small_pack_bytes": args.small_pack_bytes}
     return collective.create_multi_worker_strategy(
         algorithm=args.algorithm, grid_shape=args.grid_shape or None,
@@ -154,7 +159,10 @@ def run_fit(args, resume=False):
         model = build_model(keras, args.tfscale_layers)
         model.compile(optimizer=build_optimizer(keras, args), loss="mse")
     # The multi-worker timeout: one watchdog thread instead of a timer thread per collective.
-    callbacks = [strategy.tfscale_watchdog] if hasattr(strategy, "tfscale_watchdog") else []
+    from tfscale.distribute import strategy_handle
+
+    handle = strategy_handle(strategy)
+    callbacks = handle.callbacks() if handle is not None else []
     if resume:
         # One directory per worker: Keras 3's BackupAndRestore is not multi-worker aware
         # and two workers writing one file collide on the HDF5 lock.
@@ -214,6 +222,7 @@ def main(argv):
     parser.add_argument("--mode", choices=["allreduce", "fit", "resume"], required=True)
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--algorithm", default="torus")
+    parser.add_argument("--register_toy", action="store_true", help="register tests/distribute/_toy_algorithm.py first")
     parser.add_argument("--grid_shape", default="")
     parser.add_argument("--devices_per_node", type=int, default=0)
     parser.add_argument("--compression", default="")

@@ -27,13 +27,18 @@ def _reducer(algorithm, num_workers, devices_per_worker=1, rank=0, **kwargs):
     return collective.MultiWorkerAllReduce(algorithm, devices, worker_rank=rank, num_workers=num_workers, **kwargs)
 
 
+def _groups(reducer):
+    return [(p.kind, [list(g) for g in p.groups]) for p in reducer.schedule.phases]
+
+
 class TestGroups:
     def test_torus_rows_and_columns_span_workers(self):
         # 4 workers x 2 devices as a 2x4 grid: replica g = task * 2 + local device.
         r = _reducer("torus", 4, devices_per_worker=2, rank=3, grid_shape="2x4")
         assert r.num_replicas == 8
-        assert r.groups["inner"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-        assert r.groups["outer"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+        assert _groups(r) == [("reduce_scatter", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+                              ("all_reduce", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+                              ("all_gather", [[0, 1, 2, 3], [4, 5, 6, 7]])]
         assert [r.replica_id(i) for i in range(2)] == [6, 7]
 
     def test_torus_default_grid_is_most_square(self):
@@ -41,23 +46,37 @@ class TestGroups:
 
     def test_hierarchical_nodes(self):
         r = _reducer("hierarchical", 4, devices_per_worker=2)
-        assert r.groups["inner"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-        assert r.groups["outer"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+        assert _groups(r)[:2] == [("reduce_scatter", [[0, 1], [2, 3], [4, 5], [6, 7]]),
+                                  ("all_reduce", [[0, 2, 4, 6], [1, 3, 5, 7]])]
         r = _reducer("hierarchical", 4, devices_per_node=2)
-        assert r.groups["inner"] == [[0, 1], [2, 3]]
-        assert r.groups["outer"] == [[0, 2], [1, 3]]
+        assert _groups(r)[:2] == [("reduce_scatter", [[0, 1], [2, 3]]), ("all_reduce", [[0, 2], [1, 3]])]
+        # Small packs: two all-reduces (node, then across nodes), no all-gather.
+        assert [(p.kind, [list(g) for g in p.groups]) for p in r.small_schedule.phases] == [
+            ("all_reduce", [[0, 1], [2, 3]]), ("all_reduce", [[0, 2], [1, 3]])]
 
     def test_ring_is_one_group(self):
-        assert _reducer("ring", 3).groups == {"world": [[0, 1, 2]]}
+        r = _reducer("ring", 3)
+        assert r.algorithm == "flat" and _groups(r) == [("all_reduce", [[0, 1, 2]])]
+
+    def test_halving_doubling_pairs(self):
+        assert _groups(_reducer("halving_doubling", 4)) == [
+            ("reduce_scatter", [[0, 1], [2, 3]]), ("reduce_scatter", [[0, 2], [1, 3]]),
+            ("all_gather", [[0, 2], [1, 3]]), ("all_gather", [[0, 1], [2, 3]])]
+
+    def test_one_group_key_per_distinct_group(self):
+        r = _reducer("torus", 4, grid_shape="2x2", key_base=5_000_000)
+        keys = r._group_keys  # pylint: disable=protected-access
+        assert sorted(keys.values()) == list(range(5_000_000, 5_000_004))  # 2 rows + 2 columns
+        assert keys[(0, 1)] == 5_000_000
 
     @pytest.mark.parametrize(
         "algorithm, kwargs, pattern",
         [
-            ("tree", {}, r"Unknown all_reduce algorithm 'tree'; expected one of \['hierarchical', 'ring', 'torus'\]"),
+            ("tree", {}, r"Unknown all_reduce algorithm 'tree'; expected one of \['flat', 'halving_doubling', 'hierarchical', 'torus'\]"),
             ("torus", {"grid_shape": "2x3"}, r"grid_shape.*2x3=6 devices.*num_devices=4"),
             ("hierarchical", {"devices_per_node": 3}, r"devices_per_node.*must divide num_devices=4"),
-            ("ring", {"grid_shape": "2x2"}, "only applies to algorithm='torus'"),
-            ("torus", {"devices_per_node": 2}, "only applies to algorithm='hierarchical'"),
+            ("ring", {"grid_shape": "2x2"}, r"`grid_shape` does not apply to all_reduce algorithm 'flat' \(it applies to \['torus'\]\)"),
+            ("torus", {"devices_per_node": 2}, r"`devices_per_node` does not apply.*'torus' \(it applies to \['hierarchical'\]\)"),
             ("torus", {"compression": "int8"}, "compression"),
             ("torus", {"timeout_seconds": 0}, r"timeout_seconds.*> 0.*Received: timeout_seconds=0"),
             ("torus", {"bytes_per_pack": -1}, "bytes_per_pack"),

@@ -112,6 +112,15 @@ ALLREDUCE_CASES = [
     pytest.param(2, 2, ["--algorithm", "hierarchical", "--compression", "bf16",
                         "--dtypes", "float32"], "bf16", id="2wx2d-hierarchical-bf16"),
     pytest.param(4, 1, ["--algorithm", "torus", "--grid_shape", "2x2"], None, id="4w-torus-2x2"),
+    pytest.param(2, 2, ["--algorithm", "halving_doubling", "--small_pack_bytes", "0"], None,
+                 id="2wx2d-halving_doubling"),
+    pytest.param(2, 2, ["--algorithm", "halving_doubling", "--compression", "fp16", "--small_pack_bytes", "0",
+                        "--dtypes", "float32"], "fp16", id="2wx2d-halving_doubling-fp16", marks=pytest.mark.slow),
+    # 3 ranks: not a power of two, so the fold (reduce) and unfold (broadcast) phases run too.
+    pytest.param(3, 1, ["--algorithm", "halving_doubling", "--small_pack_bytes", "0"], None,
+                 id="3w-halving_doubling-fold", marks=pytest.mark.slow),
+    # An algorithm registered by the test only (tests/distribute/_toy_algorithm.py).
+    pytest.param(2, 1, ["--algorithm", "toy_reduce_broadcast", "--register_toy"], None, id="2w-toy-registered"),
     pytest.param(4, 1, ["--algorithm", "hierarchical", "--devices_per_node", "2"], None,
                  id="4w-hierarchical", marks=pytest.mark.slow),
     pytest.param(4, 1, ["--algorithm", "ring"], None, id="4w-ring", marks=pytest.mark.slow),

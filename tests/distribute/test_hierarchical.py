@@ -9,7 +9,7 @@ from _allreduce_helpers import make_values
 from _allreduce_helpers import reference
 
 from tfscale.distribute import HierarchicalAllReduce
-from tfscale.distribute import local
+from tfscale.distribute import primitives
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 2), (8, 4),
            (8, 8)]
@@ -95,10 +95,10 @@ def test_errors(cpu_devices):
     ([(0, 0, 16)], 3, [[], [], [(0, 0, 16)]]),
 ])
 def test_split_ranges(ranges, k, expected):
-    plan = local.FusionPlan(cut_points=((0, 16, 32, 48, 64), (0, 1000)),
+    plan = primitives.FusionPlan(cut_points=((0, 16, 32, 48, 64), (0, 1000)),
                             wire_dtypes=(tf.float32, tf.float32),
                             accum_dtypes=(tf.float32, tf.float32), alignment=(16, 16))
-    shards = local.split_ranges(ranges, k, plan)
+    shards = primitives.split_ranges(ranges, k, plan)
     assert shards == expected
     flat = [r for s in shards for r in s]
     assert sum(e - s for _, s, e in flat) == sum(e - s for _, s, e in ranges)

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfscale.distribute import ALGORITHMS
 from tfscale.distribute import HierarchicalAllReduce
+from tfscale.distribute import ScheduledAllReduce
 from tfscale.distribute import TorusAllReduce
 from tfscale.distribute import configure_logical_devices
 from tfscale.distribute import create_strategy
@@ -14,9 +15,13 @@ from tfscale.distribute import strategy as strategy_lib
 SHAPES = [(), (7,), (1001,), (3, 5)]
 
 
-def test_algorithm_names():
-    assert set(ALGORITHMS) == {"torus", "hierarchical", "ring", "reduction_to_one_device",
-                               "hierarchical_copy", "collective"}
+def test_names_come_from_the_registry_and_tf_builtins():
+    from tfscale.distribute import algorithms
+
+    assert set(ALGORITHMS) == (set(algorithms.algorithm_names()) | set(algorithms.ALIASES)
+                               | set(strategy_lib.TF_BUILTINS))
+    # The 4 built-in schedules and TF's 3 built-ins are all there.
+    assert {"torus", "hierarchical", "halving_doubling", "flat", "ring", "collective"} <= set(ALGORITHMS)
 
 
 def _replica_all_reduce(strategy, reduce_op):
@@ -42,10 +47,22 @@ def test_every_algorithm_all_reduces(algorithm, num_replicas):
     _check_algorithm(algorithm, num_replicas)
 
 
+def test_strategy_handle_describes_the_strategy():
+    from tfscale.distribute import get_cross_device_ops, strategy_handle
+
+    strategy = create_strategy("torus", num_replicas=4, grid_shape="2x2")
+    handle = strategy_handle(strategy)
+    assert handle.algorithm == "torus" and handle.num_replicas == 4
+    assert handle.cross_device_ops is get_cross_device_ops(strategy)
+    assert [p.kind for p in handle.schedule.phases] == ["reduce_scatter", "all_reduce", "all_gather"]
+    assert handle.callbacks() == [] and handle.all_reduce is None
+    assert strategy_handle(tf.distribute.MirroredStrategy(["/cpu:0"])) is None
+
+
 def _check_algorithm(algorithm, num_replicas):
     strategy = create_strategy(algorithm, num_replicas=num_replicas)
     assert strategy.num_replicas_in_sync == num_replicas
-    op = strategy.extended._cross_device_ops  # pylint: disable=protected-access
+    op = strategy_lib.handle_lib.get_cross_device_ops(strategy)
     for reduce_op, factor in [("SUM", num_replicas * (num_replicas + 1) / 2),
                               ("MEAN", (num_replicas + 1) / 2)]:
         bases, out = _replica_all_reduce(strategy, reduce_op)
@@ -53,7 +70,7 @@ def _check_algorithm(algorithm, num_replicas):
             assert len(per_replica) == num_replicas
             for value in per_replica:
                 np.testing.assert_allclose(value, factor * base, rtol=1e-6)
-    if algorithm in ("torus", "hierarchical", "ring") and num_replicas > 1:
+    if algorithm in strategy_lib.algorithm_names(include_builtins=False) and num_replicas > 1:
         assert op.num_batch_reduce_calls == 2  # Our op did the work, once per reduce_op.
 
 
@@ -66,8 +83,9 @@ def test_collective_strategies_of_different_sizes_coexist():
 
 
 def test_ring_and_defaults_map_to_tfscale_ops():
-    op = strategy_lib.create_cross_device_ops("ring", 8)
-    assert isinstance(op, TorusAllReduce) and op.grid(8).rows == 1
+    op = strategy_lib.create_cross_device_ops("ring", 8)  # "ring" is the flat all-reduce.
+    assert isinstance(op, ScheduledAllReduce) and op.algorithm == "flat"
+    assert [(p.kind, p.groups) for p in op.schedule(8).phases] == [("all_reduce", (tuple(range(8)),))]
     op = strategy_lib.create_cross_device_ops("hierarchical", 8)
     assert isinstance(op, HierarchicalAllReduce) and op.devices_per_node == 4
     op = strategy_lib.create_cross_device_ops("torus", 8, grid_shape="4x2", bytes_per_pack=0,
@@ -82,7 +100,7 @@ def test_create_strategy_errors():
     with pytest.raises(ValueError) as err:
         create_strategy("butterfly", num_replicas=4)
     assert "'butterfly'" in str(err.value)
-    for name in ALGORITHMS:
+    for name in ALGORITHMS:  # The error lists every valid name.
         assert repr(name) in str(err.value)
     with pytest.raises(ValueError) as err:
         create_strategy("torus", num_replicas=8, grid_shape="2x2")

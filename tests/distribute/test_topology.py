@@ -1,6 +1,5 @@
 """Tests for tfscale.distribute.topology (pure Python grid / node arithmetic)."""
 
-import itertools
 
 import numpy as np
 import pytest
@@ -61,15 +60,12 @@ def test_parse_grid_shape_rejects_garbage(bad):
 
 
 @pytest.mark.parametrize("rows, cols", [(1, 1), (1, 4), (4, 1), (2, 2), (2, 3), (3, 2), (2, 4)])
-def test_grid_groups_and_coords(rows, cols):
+def test_grid_groups(rows, cols):
     grid = topology.Grid(rows, cols)
     assert grid.size == rows * cols
     ranks = np.arange(rows * cols).reshape(rows, cols)  # Row-major reference.
     assert grid.row_groups() == ranks.tolist()
     assert grid.column_groups() == ranks.T.tolist()
-    for r, c in itertools.product(range(rows), range(cols)):
-        assert grid.rank(r, c) == ranks[r, c]
-        assert grid.coords(int(ranks[r, c])) == (r, c)
     # Every rank is in exactly one row and one column.
     assert sorted(sum(grid.row_groups(), [])) == list(range(grid.size))
     assert sorted(sum(grid.column_groups(), [])) == list(range(grid.size))
@@ -81,12 +77,6 @@ def test_grid_validation():
     with pytest.raises(TypeError, match="cols"):
         topology.Grid(2, "2")
     grid = topology.Grid(2, 3)
-    with pytest.raises(ValueError, match="rank=6"):
-        grid.coords(6)
-    with pytest.raises(ValueError, match="col=3"):
-        grid.rank(0, 3)
-    with pytest.raises(ValueError, match="row=-1"):
-        grid.rank(-1, 0)
     with pytest.raises(dataclass_error()):
         grid.rows = 5
     assert topology.Grid.from_shape("3x2", 6) == topology.Grid(3, 2)
@@ -114,37 +104,13 @@ def test_node_groups_not_dividing():
         topology.node_groups(8, 0)
 
 
-@pytest.mark.parametrize("n, k", [(0, 1), (0, 3), (1, 4), (7, 4), (8, 4), (1001, 8), (10, 3),
-                                  (3, 8)])
-def test_shard_bounds(n, k):
-    bounds = topology.shard_bounds(n, k)
-    assert len(bounds) == k
-    reference = np.array_split(np.arange(n), k)  # numpy's split is the reference.
-    assert [(int(a[0]), int(a[-1]) + 1) if a.size else None for a in reference] == [
-        b if b[1] > b[0] else None for b in bounds]
-    assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(bounds[i][1] == bounds[i + 1][0] for i in range(k - 1))
-    sizes = [e - s for s, e in bounds]
-    assert max(sizes) - min(sizes) <= 1
+@pytest.mark.parametrize("shape, expected", [(None, None), ("2x4", (2, 4)), ("3X1", (3, 1)), ("2,2", (2, 2)),
+                                             ((4, 2), (4, 2))])
+def test_parse_grid_format(shape, expected):
+    assert topology.parse_grid_format(shape) == expected
 
 
-def test_shard_bounds_errors():
-    with pytest.raises(ValueError, match="num_elements=-1"):
-        topology.shard_bounds(-1, 2)
-    with pytest.raises(ValueError, match="num_shards=0"):
-        topology.shard_bounds(5, 0)
-
-
-@pytest.mark.parametrize("n, k, align", [(1001, 4, 16), (7, 4, 16), (0, 2, 16), (4096, 8, 16),
-                                         (100, 3, 1), (33, 2, 32)])
-def test_aligned_shard_bounds(n, k, align):
-    bounds = topology.aligned_shard_bounds(n, k, align)
-    assert len(bounds) == k and bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(bounds[i][1] == bounds[i + 1][0] for i in range(k - 1))
-    for start, end in bounds:
-        assert start % align == 0 or start == n
-        assert end >= start
-    sizes = [e - s for s, e in bounds]
-    assert max(sizes) <= -(-n // k) + align
-    if align == 1:
-        assert bounds == topology.shard_bounds(n, k)
+@pytest.mark.parametrize("bad", ["2x", "0x4", "axb", (2,), (2, 0), ("2", "x")])
+def test_parse_grid_format_errors(bad):
+    with pytest.raises(ValueError, match="grid_shape"):
+        topology.parse_grid_format(bad)

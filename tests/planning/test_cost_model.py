@@ -74,9 +74,10 @@ def test_one_by_n_grid_is_the_ring(n):
         assert torus.reduction_s == pytest.approx(ring.reduction_s, rel=1e-12)
 
 
-@pytest.mark.parametrize("n,steps", [(2, 2), (4, 4), (8, 6), (1024, 20), (6, 6), (12, 8)])
+@pytest.mark.parametrize("n,steps", [(2, 2), (4, 4), (8, 6), (1024, 20), (6, 8), (12, 10)])
 def test_halving_doubling_steps(n, steps):
-    # 2 log2 N for powers of two; 2 floor(log2 N) + 2 otherwise.
+    # 2 log2 N for powers of two; otherwise 2 floor(log2 N) + 4: the fold (reduce) and unfold (broadcast) of the
+    # extra ranks are each a pairwise all-reduce (2 steps), which is how the multi-process backend runs them.
     cost = planning.halving_doubling_allreduce_cost(uniform(n), 1e6)
     assert cost.num_steps == steps
     if n & (n - 1) == 0:
@@ -166,7 +167,8 @@ def test_fusion_multiplies_only_the_latency():
 def test_launch_overhead_per_collective_call():
     link = planning.Link(ALPHA, 5e9)
     cluster = planning.Cluster(16, 4, link, link, launch_overhead_s=1e-3)
-    expected = {"ring": 1, "halving_doubling": 1, "hierarchical": 3}
+    # One call per phase of the schedule the backends run: halving-doubling makes 2 log2 N.
+    expected = {"ring": 1, "flat": 1, "halving_doubling": 8, "hierarchical": 3}
     for algorithm, calls in expected.items():
         cost = planning.allreduce_cost(algorithm, cluster, 1e6, num_packs=2)
         assert cost.num_launches == calls
@@ -184,7 +186,7 @@ def test_grid_shapes():
 
 
 def test_errors_are_clear():
-    with pytest.raises(ValueError, match=r"grid_shape.*3x4=12 workers.*num_accelerators=16"):
+    with pytest.raises(ValueError, match=r"grid_shape.*3x4=12 devices.*num_devices=16"):
         planning.torus_allreduce_cost(uniform(16), 1e6, (3, 4))
     with pytest.raises(ValueError, match=r"bandwidth_bytes_per_s` must be > 0.0. Received: bandwidth_bytes_per_s=0"):
         planning.Link(1e-6, 0)
@@ -196,11 +198,13 @@ def test_errors_are_clear():
         planning.Cluster(10, 4, planning.Link(0, 1e9), planning.Link(0, 1e9))
     with pytest.raises(ValueError, match="num_accelerators` must be >= 1"):
         planning.Cluster(0, 1, planning.Link(0, 1e9), planning.Link(0, 1e9))
-    with pytest.raises(ValueError, match=r"Unknown all_reduce_alg 'tree'; expected one of \['halving_doubling', 'hierarchical', 'ring', 'torus'\]"):
+    with pytest.raises(ValueError, match=r"Unknown all_reduce algorithm 'tree'; expected one of \['flat', 'halving_doubling', 'hierarchical', 'torus'"):
         planning.allreduce_cost("tree", uniform(4), 1e6)
     with pytest.raises(ValueError, match="grid_shape` is required"):
-        planning.allreduce_cost("torus", uniform(4), 1e6)
-    with pytest.raises(ValueError, match="only applies to algorithm='torus'"):
+        planning.torus_allreduce_cost(uniform(4), 1e6, None)
+    # allreduce_cost builds the schedule as the backends do: no grid means the most square one.
+    assert planning.allreduce_cost("torus", uniform(4), 1e6).grid_shape == (2, 2)
+    with pytest.raises(ValueError, match=r"`grid_shape` does not apply to all_reduce algorithm 'flat'"):
         planning.allreduce_cost("ring", uniform(4), 1e6, grid_shape=(2, 2))
     with pytest.raises(ValueError, match="compression"):
         planning.ring_allreduce_cost(uniform(4), 1e6, compression="int8")

@@ -32,7 +32,7 @@ def test_preset_plan_plot_and_json(tmp_path):
     best = planning.recommend(preset.cluster.with_num_accelerators(1088), preset.workload)
     assert result["recommended"]["label"] == best.cost.label
     assert result["recommended"]["allreduce_ms"] == pytest.approx(best.cost.total_s * 1e3)
-    assert set(result["curves"]) == {"ring", "torus", "hierarchical", "halving_doubling"}
+    assert set(result["curves"]) == {"flat", "torus", "hierarchical", "halving_doubling"}
 
 
 def test_custom_cluster_from_flags_and_file(tmp_path):

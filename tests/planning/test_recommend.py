@@ -27,7 +27,7 @@ def test_plan_rows_add_up():
         assert r.scaling_efficiency == pytest.approx(compute / r.step_s)
         assert r.images_per_second == pytest.approx(1088 * 32 / r.step_s)
     labels = {r.cost.label for r in rows}
-    assert "ring" in labels and "torus 34x32" in labels and "halving_doubling" in labels
+    assert "flat (ring)" in labels and "torus 34x32" in labels and "halving_doubling" in labels
     # Every torus grid with both sides >= 2 (1088 = 2^6 * 17 has 14 divisors, 12 such grids).
     assert sum(r.cost.algorithm == "torus" for r in rows) == 12
 
@@ -46,7 +46,7 @@ def test_recommendation_switches_from_ring_to_torus_as_latency_grows():
     for alpha in [0.0, 1e-6, 1e-5, 1e-4, 1e-3]:
         best = planning.recommend(_two_level(alpha), workload, algorithms=("ring", "torus"))
         chosen.append(best.cost.algorithm)
-    assert chosen[0] == "ring"
+    assert chosen[0] == "flat"
     assert chosen[-1] == "torus"
     switch = chosen.index("torus")
     assert all(c == "torus" for c in chosen[switch:])  # once torus, stays torus
@@ -64,7 +64,7 @@ def test_ties_prefer_the_simplest():
     # alpha = 0 on a uniform link: ring, halving-doubling and every torus cost the same.
     link = planning.Link(0.0, 10e9)
     cluster = planning.Cluster(16, 16, link, link)
-    assert planning.recommend(cluster, planning.Workload()).cost.algorithm == "ring"
+    assert planning.recommend(cluster, planning.Workload()).cost.algorithm == "flat"
 
 
 def test_no_fusion_pays_latency_per_tensor():
@@ -81,7 +81,7 @@ def test_scaling_curve_efficiency_falls_with_n():
     preset = planning.get_preset("akiba")
     curves = planning.scaling_curve(preset.cluster, preset.workload, [8, 64, 512, 4096],
                                     compression="float16")
-    ring = [r.scaling_efficiency for r in curves["ring"]]
+    ring = [r.scaling_efficiency for r in curves["flat"]]
     assert len(ring) == 4 and all(a > b for a, b in zip(ring, ring[1:]))
     assert [r.cost.num_workers for r in curves["torus"]] == [8, 64, 512, 4096]
 
@@ -98,7 +98,7 @@ def test_plan_errors():
     cluster = planning.Cluster(7, 1, planning.Link(1e-6, 1e9), planning.Link(1e-6, 1e9))
     with pytest.raises(ValueError, match="No candidate all-reduce applies to num_accelerators=7"):
         planning.recommend(cluster, planning.Workload(), algorithms=("torus",))
-    with pytest.raises(ValueError, match="Unknown all_reduce_alg 'tree'"):
+    with pytest.raises(ValueError, match="Unknown all_reduce algorithm 'tree'"):
         planning.plan(cluster, planning.Workload(), algorithms=("tree",))
     with pytest.raises(TypeError, match="workload"):
         planning.plan(cluster, {"num_parameters": 1})

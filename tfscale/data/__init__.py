@@ -4,6 +4,7 @@ Reference: Ying et al., "Image Classification at Supercomputer Scale", arXiv:181
 """
 
 from tfscale.data import fashion_mnist
+from tfscale.data.padding import pad_eval_batches
 from tfscale.data.pipeline import DEFAULT_MAX_PIXELS
 from tfscale.data.pipeline import SkippedRecordCounter
 from tfscale.data.pipeline import SkippedRecordsLogger
@@ -37,6 +38,7 @@ __all__ = [
     "imagenet_dataset",
     "make_example",
     "normalize_images",
+    "pad_eval_batches",
     "preprocess_for_eval",
     "preprocess_for_train",
     "preprocess_small_image_for_train",

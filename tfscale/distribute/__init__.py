@@ -1,75 +1,81 @@
-"""tfscale.distribute: 2D-torus and hierarchical all-reduce for `tf.distribute`.
+"""tfscale.distribute: all-reduce algorithms as schedules, run by interchangeable backends.
 
-Topology (`topology`) and fusion/compression (`packing`) are shared by the one-process
-`tf.distribute.CrossDeviceOps` (`TorusAllReduce`, `HierarchicalAllReduce`, built on the
-primitives of `local`) and the multi-process collectives. `create_strategy` turns an
-algorithm name into a ready `MirroredStrategy`.
+The data flow of one gradient all-reduce:
+
+* `algorithms`: the registry. An algorithm (``torus``, ``hierarchical``,
+  ``halving_doubling``, ``flat``/``ring``, or yours, via `register_algorithm`) is a
+  TensorFlow-free `Schedule`: phases of reduce-scatter / all-reduce / all-gather / reduce /
+  broadcast over groups of ranks, built from the rank count and the topology (`topology`).
+  The planner (`tfscale.planning`) prices the same schedules.
+* `packing`: tensor fusion and fp16/bf16 wire compression.
+* Backends run any schedule on the packs: in one process (`local.ScheduledAllReduce`, a
+  `tf.distribute.CrossDeviceOps` built on `primitives`; `TorusAllReduce` and
+  `HierarchicalAllReduce` are its named forms), and across processes on TF's collective
+  runtime (`collective.MultiWorkerAllReduce`, installed by `create_multi_worker_strategy`).
+* `create_strategy` turns a name into a ready strategy; `strategy_handle` returns what
+  tfscale attached to it. `cluster` resolves the cluster, `watchdog` and `failures` handle
+  dead or hung workers. Every private TF/Keras API is in `_tf_compat`.
+
+Names are imported lazily: `tfscale.distribute.algorithms`, `topology` and `validation`
+import without TensorFlow.
 """
 
-from tfscale.distribute.cluster import ClusterInfo
-from tfscale.distribute.cluster import cluster_from_environment
-from tfscale.distribute.cluster import parse_tf_config
-from tfscale.distribute.collective import MultiWorkerAllReduce
-from tfscale.distribute.collective import WorkerFailureError
-from tfscale.distribute.collective import create_multi_worker_strategy
-from tfscale.distribute.collective import explain_worker_failures
-from tfscale.distribute.collective import in_multi_worker_environment
-from tfscale.distribute.collective import use_all_reduce
-from tfscale.distribute.collective import worker_backup_dir
-from tfscale.distribute.hierarchical import HierarchicalAllReduce
-from tfscale.distribute.local import DEFAULT_BYTES_PER_PACK
-from tfscale.distribute.local import LocalAllReduce
-from tfscale.distribute.packing import COMPRESSIONS
-from tfscale.distribute.packing import PackSpec
-from tfscale.distribute.packing import accumulation_dtype
-from tfscale.distribute.packing import compress
-from tfscale.distribute.packing import decompress
-from tfscale.distribute.packing import pack
-from tfscale.distribute.packing import unpack
-from tfscale.distribute.packing import validate_compression
-from tfscale.distribute.strategy import ALGORITHMS
-from tfscale.distribute.strategy import configure_logical_devices
-from tfscale.distribute.strategy import create_cross_device_ops
-from tfscale.distribute.strategy import create_strategy
-from tfscale.distribute.topology import Grid
-from tfscale.distribute.topology import factor_grid
-from tfscale.distribute.topology import node_groups
-from tfscale.distribute.topology import parse_grid_shape
-from tfscale.distribute.topology import shard_bounds
-from tfscale.distribute.torus import TorusAllReduce
-from tfscale.distribute.watchdog import CollectiveWatchdog
+import importlib
 
-__all__ = [
-    "ALGORITHMS",
-    "COMPRESSIONS",
-    "ClusterInfo",
-    "CollectiveWatchdog",
-    "DEFAULT_BYTES_PER_PACK",
-    "Grid",
-    "HierarchicalAllReduce",
-    "LocalAllReduce",
-    "MultiWorkerAllReduce",
-    "PackSpec",
-    "TorusAllReduce",
-    "WorkerFailureError",
-    "accumulation_dtype",
-    "cluster_from_environment",
-    "compress",
-    "configure_logical_devices",
-    "create_cross_device_ops",
-    "create_multi_worker_strategy",
-    "create_strategy",
-    "decompress",
-    "explain_worker_failures",
-    "factor_grid",
-    "in_multi_worker_environment",
-    "node_groups",
-    "pack",
-    "parse_grid_shape",
-    "parse_tf_config",
-    "shard_bounds",
-    "unpack",
-    "use_all_reduce",
-    "validate_compression",
-    "worker_backup_dir",
-]
+# Public name -> module of tfscale.distribute that defines it.
+_EXPORTS = {
+    "ALGORITHMS": "strategy",
+    "COMPRESSIONS": "packing",
+    "ClusterInfo": "cluster",
+    "CollectiveWatchdog": "watchdog",
+    "DEFAULT_BYTES_PER_PACK": "local",
+    "Grid": "topology",
+    "HierarchicalAllReduce": "local",
+    "IN_PROCESS_BYTES_PER_PACK": "local",
+    "LocalAllReduce": "local",
+    "MULTI_WORKER_BYTES_PER_PACK": "collective",
+    "MultiWorkerAllReduce": "collective",
+    "PackSpec": "packing",
+    "Phase": "algorithms",
+    "Schedule": "algorithms",
+    "ScheduledAllReduce": "local",
+    "StrategyHandle": "handle",
+    "TorusAllReduce": "local",
+    "WorkerFailureError": "failures",
+    "accumulation_dtype": "packing",
+    "algorithm_names": "strategy",
+    "build_schedule": "algorithms",
+    "cluster_from_environment": "cluster",
+    "compress": "packing",
+    "configure_logical_devices": "strategy",
+    "create_cross_device_ops": "strategy",
+    "create_multi_worker_strategy": "multi_worker",
+    "create_strategy": "strategy",
+    "decompress": "packing",
+    "explain_worker_failures": "failures",
+    "factor_grid": "topology",
+    "get_cross_device_ops": "handle",
+    "in_multi_worker_environment": "multi_worker",
+    "node_groups": "topology",
+    "pack": "packing",
+    "parse_grid_shape": "topology",
+    "parse_tf_config": "cluster",
+    "register_algorithm": "algorithms",
+    "strategy_handle": "handle",
+    "unpack": "packing",
+    "use_all_reduce": "multi_worker",
+    "validate_compression": "packing",
+    "worker_backup_dir": "failures",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tfscale.distribute.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tfscale.distribute' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -37,6 +37,13 @@ API, so they live here, each guarded by the TF/Keras versions they were tested w
    `tfscale.distribute.watchdog.CollectiveWatchdog`: ``context.abort_collective_ops``, the
    call MWMS's own peer health check makes.
 
+6. **One-process CrossDeviceOps plumbing** (`mirrored`, `destination_devices`,
+   `cross_device_ops`, `keyed_mirrored_strategy`): building ``Mirrored`` values and reading
+   the devices of a ``destinations`` argument, as every CrossDeviceOps in TF itself does;
+   reading a strategy's installed op (``extended._cross_device_ops``); and giving a
+   ``MirroredStrategy`` its own collective key range (``_collective_key_base``, as TF's
+   ``strategy_combinations`` does).
+
 5. **CPU replicas per worker** (`multi_worker_local_devices`): MWMS gives a CPU-only worker
    one replica. To run ``devices_per_worker > 1`` on logical CPU devices (tests, or CPU
    clusters), ``CollectiveAllReduceExtended._initialize_local_devices`` is wrapped while
@@ -57,6 +64,8 @@ try:  # Private modules: a missing one is reported by check_versions, not at imp
     from keras.src.backend.tensorflow import trainer as _keras_tf_trainer
     from tensorflow.python.distribute import collective_all_reduce_strategy as _mwms_lib
     from tensorflow.python.distribute import cross_device_ops as _cross_device_ops_lib
+    from tensorflow.python.distribute import distribute_utils as _distribute_utils
+    from tensorflow.python.distribute import values as _values_lib
     from tensorflow.python.distribute import reduce_util as _reduce_util
     from tensorflow.python.eager import context as _context
     from tensorflow.python.framework import indexed_slices as _indexed_slices
@@ -83,8 +92,11 @@ __all__ = [
     "install_all_reduce",
     "multi_worker_local_devices",
     "abort_collective_ops",
-    "installed_reduce_fn",
     "num_workers",
+    "cross_device_ops",
+    "destination_devices",
+    "mirrored",
+    "keyed_mirrored_strategy",
 ]
 
 TESTED_TF_VERSIONS = ("2.21",)
@@ -374,7 +386,6 @@ class _TfscaleCollectiveAllReduce(_CollectiveAllReduceBase):
             canonicalize_devices=base._canonicalize_devices,
         )
         self._reduce_fn = reduce_fn
-        self.tfscale_reduce_fn = reduce_fn
 
     def _all_reduce(self, reduce_op, value, replica_id, options):
         if self._reduce_fn is None:
@@ -423,14 +434,8 @@ def install_all_reduce(strategy, reduce_fn):
     base = extended._cross_device_ops
     if isinstance(base, _TfscaleCollectiveAllReduce):
         base._reduce_fn = reduce_fn
-        base.tfscale_reduce_fn = reduce_fn
         return
     extended._cross_device_ops = _TfscaleCollectiveAllReduce(base, reduce_fn)
-
-
-def installed_reduce_fn(strategy):
-    """Returns the `reduce_fn` installed on `strategy`, or None."""
-    return getattr(strategy.extended._cross_device_ops, "tfscale_reduce_fn", None)
 
 
 def num_workers(strategy):
@@ -470,6 +475,36 @@ def multi_worker_local_devices(num_cpu_devices):
     finally:
         cls._initialize_local_devices = original
 
+
+
+def mirrored(tensors):
+    """Wraps one tensor per replica device (replica order) into a ``Mirrored`` value."""
+    return _distribute_utils.regroup(tuple(tensors), wrap_class=_values_lib.Mirrored)
+
+
+def destination_devices(destinations):
+    """Returns the device names (tuple of str) of a CrossDeviceOps ``destinations`` argument."""
+    return tuple(_cross_device_ops_lib.get_devices_from(destinations))
+
+
+def cross_device_ops(strategy):
+    """Returns the `tf.distribute.CrossDeviceOps` a strategy sums with (None if it has none)."""
+    return getattr(strategy.extended, "_cross_device_ops", None)
+
+
+def keyed_mirrored_strategy(devices, collective_key_base):
+    """A `MirroredStrategy` over `devices` whose collective group keys start at `collective_key_base`.
+
+    Every ``MirroredStrategy`` with its default ``CollectiveAllReduce`` starts its group keys
+    at 1, so a second one over a different number of devices in the same process fails
+    ("joining a group with size 8, but that group has size 4"). TF's own tests give each
+    strategy a key range by setting the non-public ``_collective_key_base`` on a subclass.
+    """
+
+    class _KeyedMirroredStrategy(tf.distribute.MirroredStrategy):
+        _collective_key_base = collective_key_base
+
+    return _KeyedMirroredStrategy(devices=devices)
 
 
 # ---------------------------------------------------------------------------------------------------------------

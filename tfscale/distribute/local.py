@@ -1,453 +1,121 @@
-"""One-process collective primitives over groups of devices, and the CrossDeviceOps base.
+"""The in-process backend: any all-reduce `Schedule` as a `tf.distribute.CrossDeviceOps`.
 
-The torus (`torus.py`, Mikami et al., arXiv:1811.05233; Ying et al., arXiv:1811.06992) and
-hierarchical (`hierarchical.py`, Jia et al., arXiv:1807.11205) all-reduces are both built
-from the primitives here, which move 1-D buffers between the devices of one process
-(GPUs, TPU cores or logical CPUs under `tf.distribute.MirroredStrategy`):
+`LocalAllReduce` is the `tf.distribute.CrossDeviceOps` base of tfscale's one-process
+all-reduce (GPUs, TPU cores or logical CPUs under `tf.distribute.MirroredStrategy`): it
+packs gradients (`packing.pack`), compresses them for the wire, runs a schedule of the
+registry (`tfscale.distribute.algorithms`) on all packs at once with the device-placed
+primitives of `tfscale.distribute.primitives` (`run_schedule`), and unpacks on every device.
+It also handles the cases the schedules do not (sparse `IndexedSlices`, integer dtypes,
+reductions to devices other than the replicas', all-gather).
 
-* `reduce_scatter`: member ``k`` of a group ends up owning shard ``k`` of the sum;
-* `all_reduce`: `reduce_scatter` then `all_gather` (Rabenseifner's algorithm);
-* `all_gather`: every member receives every member's fragments;
-* `reduce` to one member, and `broadcast` from one member.
+`ScheduledAllReduce` runs any registered algorithm by name; `TorusAllReduce` (Mikami et al.,
+arXiv:1811.05233; Ying et al., arXiv:1811.06992) and `HierarchicalAllReduce` (Jia et al.,
+arXiv:1807.11205) are the same class with their topology arguments named.
 
-Every op is placed explicitly with ``tf.device``: a slice runs on the device that holds
-the data (so only the slice crosses the link), a sum runs on the device that owns the
-shard, and each hop of a gather is a ``tf.identity`` on the receiving device (or, for a
-last hop, the receiver's own consuming op, see `all_gather(copy=False)`). Buffers are
-handled as lists of `Fragment` (pieces of fused packs) and are never concatenated after
-fusion: shard boundaries are moved to tensor edges when that keeps the shards balanced
-(`split_ranges`), and cuts inside a tensor are 64-byte aligned, so on CPU slicing shares
-memory and the gathered tensors are cut straight out of the reduced fragments
-(`packing.unpack_from_shards`). The only full-size memory passes left are the additions.
-
-`LocalAllReduce` is the `tf.distribute.CrossDeviceOps` base class that both algorithms
-subclass: it packs gradients (`packing.pack`), compresses them for the wire, runs the
-subclass's schedule on all packs at once, unpacks on every device, and handles the cases the
-schedules do not (sparse `IndexedSlices`, integer dtypes, reductions to devices other than
-the replicas', all-gather).
+Compression error: with ``compression="fp16"`` (or ``"bf16"``) a value is rounded to the
+wire dtype once on input, once per reducing phase that is not the last (its partial sums
+travel in the wire dtype) and once for the result: 3 times for the torus and the
+hierarchical schedules, so the all-reduced sum ``S = sum_i x_i`` satisfies
+``|S_hat - S| <= 3 u sum_i |x_i|`` to first order, with ``u = 2**-11`` for fp16 and
+``2**-8`` for bf16 (normal range; fp16 overflows to inf above 65504);
+halving-doubling on ``2^k`` ranks rounds ``k + 1`` times.
 """
-
-import bisect
-import collections
-import dataclasses
 
 import tensorflow as tf
 
-# Non-public TensorFlow API, confined to this block: building `Mirrored` values and
-# reading the devices of a `destinations` argument are what every CrossDeviceOps in TF
-# itself does; there is no public equivalent. Tested against TF 2.21.
-from tensorflow.python.distribute import cross_device_ops as _cross_device_ops_lib
-from tensorflow.python.distribute import distribute_utils as _distribute_utils
-from tensorflow.python.distribute import values as _values_lib
-
+from tfscale.distribute import _tf_compat
+from tfscale.distribute import algorithms
 from tfscale.distribute import packing
+from tfscale.distribute import primitives
+from tfscale.distribute import topology
+from tfscale.distribute import validation
+from tfscale.distribute.algorithms import schedule as schedule_lib
+from tfscale.distribute.primitives import Fragment
+from tfscale.distribute.primitives import FusionPlan
 
 __all__ = [
     "DEFAULT_BYTES_PER_PACK",
-    "DEFAULT_SNAP_TOLERANCE",
-    "Fragment",
-    "FusionPlan",
+    "IN_PROCESS_BYTES_PER_PACK",
+    "HierarchicalAllReduce",
     "LocalAllReduce",
-    "all_gather",
-    "all_reduce",
-    "broadcast",
-    "reduce",
-    "reduce_scatter",
-    "split_ranges",
+    "ScheduledAllReduce",
+    "TorusAllReduce",
+    "run_schedule",
 ]
 
-DEFAULT_BYTES_PER_PACK = 256 * 1024
-"""Default fusion threshold in bytes (256 KiB; see docs/benchmarks_allreduce.md)."""
+IN_PROCESS_BYTES_PER_PACK = 256 * 1024
+"""Default fusion threshold of the in-process backend, bytes (256 KiB; docs/benchmarks_allreduce.md)."""
 
-DEFAULT_SNAP_TOLERANCE = 0.25
-"""How far (fraction of an ideal shard) a shard boundary may move to meet a tensor edge."""
-
-Fragment = collections.namedtuple("Fragment", ["pack", "start", "end", "tensor"])
-Fragment.__doc__ = """Elements ``[start, end)`` of fused buffer number `pack`, as a 1-D `tensor`.
-
-Attributes:
-  pack: int, index of the buffer (a pack from `packing.pack`).
-  start: int, first element (inclusive) of the pack that `tensor` holds.
-  end: int, last element (exclusive); ``tensor.shape == [end - start]``.
-  tensor: 1-D `tf.Tensor` placed on the device that holds this fragment.
-"""
+DEFAULT_BYTES_PER_PACK = IN_PROCESS_BYTES_PER_PACK
+"""The former name of `IN_PROCESS_BYTES_PER_PACK`."""
 
 
-@dataclasses.dataclass(frozen=True)
-class FusionPlan:
-    """Per-pack facts the primitives need: where to cut and which dtypes to use.
+def run_schedule(schedule, fragments, devices, plan, finalize=None, partial_finalize=None):
+    """Runs the phases of `schedule` on the devices of one process.
 
-    Attributes:
-      cut_points: tuple (one per pack) of sorted tuples of element offsets at which a
-        pack may be cut without splitting a tensor (the tensors' start offsets and the
-        pack's end).
-      wire_dtypes: tuple of `tf.DType`, the dtype each pack travels in.
-      accum_dtypes: tuple of `tf.DType`, the dtype each pack is summed in.
-      alignment: tuple of ints, the element granularity of a cut inside a tensor
-        (64 bytes worth).
-      snap_tolerance: float in [0, 1]: a shard boundary moves to the nearest tensor edge
-        when that is within this fraction of an ideal shard, else it cuts the tensor
-        (which is then re-assembled with one concat per device).
-    """
-
-    cut_points: tuple
-    wire_dtypes: tuple
-    accum_dtypes: tuple
-    alignment: tuple
-    snap_tolerance: float = DEFAULT_SNAP_TOLERANCE
-
-    @classmethod
-    def from_spec(cls, spec, compression=None, snap_tolerance=DEFAULT_SNAP_TOLERANCE):
-        """Builds the plan for the packs described by `spec` (a `packing.PackSpec`)."""
-        cuts = [{0, size} for size in spec.pack_sizes]
-        for slot in spec.slots:
-            cuts[slot.pack].add(slot.offset)
-        wire, accum, align = [], [], []
-        for dtype in spec.pack_dtypes:
-            w = packing.wire_dtype(dtype, compression)
-            a = packing.accumulation_dtype(w)
-            if a.size < dtype.size:  # float64 sent as 16-bit: still summed in float64.
-                a = dtype
-            wire.append(w)
-            accum.append(a)
-            align.append(max(1, packing.DEFAULT_ALIGNMENT_BYTES // min(dtype.size, w.size)))
-        return cls(tuple(tuple(sorted(c)) for c in cuts), tuple(wire), tuple(accum),
-                   tuple(align), snap_tolerance)
-
-
-def split_ranges(ranges, num_shards, plan):
-    """Cuts an ordered list of pack ranges into `num_shards` balanced contiguous shards.
-
-    The ranges are viewed as one stream of elements; the ideal boundaries are at
-    ``k * total / num_shards``. Each boundary moves to the nearest tensor edge
-    (`FusionPlan.cut_points`) when that is within ``plan.snap_tolerance`` of an ideal
-    shard, so no tensor is split and the all-gathered tensors need no re-assembly;
-    otherwise it cuts inside a tensor at an aligned offset. Pure Python.
+    Phase by phase, each group runs its collective with the primitives of
+    `tfscale.distribute.primitives`: ``reduce_scatter``, ``all_reduce`` (direct
+    reduce-scatter + all-gather), ``all_gather``, ``reduce`` and ``broadcast``. The last
+    phase's data movement leaves the received tensors on the sender (``copy=False``): the
+    receiver's own unpacking ops make that hop, one op fewer per fragment.
 
     Args:
-      ranges: sequence of ``(pack, start, end)`` int tuples, in stream order.
-      num_shards: int >= 1.
-      plan: a `FusionPlan`.
-
-    Returns:
-      A list of `num_shards` lists of ``(pack, start, end)``; concatenated in order they
-      equal `ranges` (empty ranges dropped). A shard may be empty.
-    """
-    ranges = [r for r in ranges if r[2] > r[1]]
-    total = sum(e - s for _, s, e in ranges)
-    if num_shards == 1 or total == 0:
-        return [ranges] + [[] for _ in range(num_shards - 1)]
-    # Stream offset of each range, and every allowed (tensor-edge) stream position.
-    offsets, candidates, pos = [], [], 0
-    for p, s, e in ranges:
-        offsets.append(pos)
-        candidates.extend(pos + c - s for c in plan.cut_points[p] if s <= c <= e)
-        candidates.extend((pos, pos + e - s))
-        pos += e - s
-    candidates = sorted(set(candidates))
-    ideal_size = total / num_shards
-    cuts = []
-    for k in range(1, num_shards):
-        ideal = k * ideal_size
-        i = bisect.bisect_left(candidates, ideal)
-        near = [c for c in candidates[max(0, i - 1) : i + 1]]
-        best = min(near, key=lambda c: abs(c - ideal))
-        if abs(best - ideal) <= plan.snap_tolerance * ideal_size:
-            cut = best
-        else:  # Cut inside a tensor, at an aligned offset of its pack.
-            r = bisect.bisect_right(offsets, ideal) - 1
-            p, s, e = ranges[r]
-            local_offset = int(ideal - offsets[r]) + s
-            local_offset -= local_offset % plan.alignment[p]
-            cut = offsets[r] + min(max(local_offset, s), e) - s
-        cuts.append(max(cut, cuts[-1] if cuts else 0))
-    bounds = [0] + cuts + [total]
-    shards = []
-    for k in range(num_shards):
-        lo, hi = bounds[k], bounds[k + 1]
-        shard = []
-        for (p, s, e), o in zip(ranges, offsets):
-            a, b = max(lo, o), min(hi, o + e - s)
-            if a < b:
-                shard.append((p, s + a - o, s + b - o))
-        shards.append(shard)
-    return shards
-
-
-def _check_group(fragments, devices):
-    if len(fragments) != len(devices) or not devices:
-        raise ValueError(
-            "Arguments `fragments` and `devices` must be non-empty and of equal length. "
-            f"Received: len(fragments)={len(fragments)}, len(devices)={len(devices)}"
-        )
-    layout = [(f.pack, f.start, f.end) for f in fragments[0]]
-    for member in fragments[1:]:
-        if [(f.pack, f.start, f.end) for f in member] != layout:
-            raise ValueError(
-                "Argument `fragments` must hold the same (pack, start, end) layout on "
-                "every member of the group"
-            )
-    return layout
-
-
-def _slice(t, start, end):
-    """``t[start:end]`` without an op when the slice is the whole tensor."""
-    if start == 0 and end == int(t.shape[0]):
-        return t
-    return t[start:end]
-
-
-def _sum(tensors, accum_dtype):
-    tensors = [packing.decompress(t, accum_dtype) for t in tensors]
-    return tensors[0] if len(tensors) == 1 else tf.math.add_n(tensors)
-
-
-def reduce_scatter(fragments, devices, plan, finalize=None):
-    """Sums the members' buffers so that member ``k`` owns shard ``k`` of the sum.
-
-    The common layout is cut with `split_ranges`; each piece of shard ``k`` is sliced on
-    every source device and summed (in the pack's accumulation dtype) on ``devices[k]``.
-    Each member sends ``(k - 1) / k`` of its data; the additions are spread evenly.
-
-    Args:
-      fragments: list of ``k`` lists of `Fragment` with one common
-        ``(pack, start, end)`` layout, ``fragments[i]`` on ``devices[i]``.
-      devices: list of ``k`` device names, the group.
-      plan: the `FusionPlan` of the packs.
-      finalize: optional ``f(tensor, pack) -> tensor`` applied to each summed piece on
-        its owner (e.g. scale for MEAN, cast to the wire dtype).
-
-    Returns:
-      A list of ``k`` lists of `Fragment`: member ``i``'s shard, on ``devices[i]``.
-
-    Raises:
-      ValueError: if `fragments` and `devices` differ in length or the layouts differ.
-    """
-    layout = _check_group(fragments, devices)
-    shards = split_ranges(layout, len(devices), plan)
-    owned = []
-    for owner, shard in enumerate(shards):
-        mine = []
-        for p, s, e in shard:
-            i = _find(layout, p, s, e)
-            _, ls, _ = layout[i]
-            pieces = []
-            for src, member in enumerate(fragments):
-                with tf.device(devices[src]):
-                    pieces.append(_slice(member[i].tensor, s - ls, e - ls))
-            with tf.device(devices[owner]):
-                total = _sum(pieces, plan.accum_dtypes[p])
-                if finalize is not None:
-                    total = finalize(total, p)
-            mine.append(Fragment(p, s, e, total))
-        owned.append(mine)
-    return owned
-
-
-def _find(layout, p, s, e):
-    for i, (lp, ls, le) in enumerate(layout):
-        if lp == p and ls <= s and e <= le:
-            return i
-    raise AssertionError(f"range {(p, s, e)} not in layout")  # Unreachable.
-
-
-def all_gather(fragments, devices, copy=True):
-    """Sends every member's fragments to every member of the group.
-
-    Args:
-      fragments: list of ``k`` lists of `Fragment` (a member may hold zero or more),
-        ``fragments[i]`` on ``devices[i]``.
-      devices: list of ``k`` device names.
-      copy: bool (default True): each received fragment is a ``tf.identity`` placed on
-        the receiver (an explicit hop). False returns the senders' tensors themselves, for
-        a last hop whose consumer (e.g. the unpacking slice and reshape) is placed on the
-        receiver anyway: TF then inserts the transfer into that op, one op fewer per
-        fragment.
-
-    Returns:
-      A list of ``k`` lists of `Fragment`: what member ``j`` holds afterwards, in member
-      order (with `copy`, each on ``devices[j]``).
-
-    Raises:
-      ValueError: if `fragments` and `devices` differ in length.
-    """
-    if len(fragments) != len(devices):
-        raise ValueError(
-            "Arguments `fragments` and `devices` must have equal length. Received: "
-            f"len(fragments)={len(fragments)}, len(devices)={len(devices)}"
-        )
-    gathered = []
-    for dst, device in enumerate(devices):
-        held = []
-        for src, member_fragments in enumerate(fragments):
-            for frag in member_fragments:
-                if src == dst or not copy:
-                    held.append(frag)
-                else:
-                    with tf.device(device):
-                        held.append(frag._replace(tensor=tf.identity(frag.tensor)))
-        gathered.append(held)
-    return gathered
-
-
-def all_reduce(fragments, devices, plan, finalize=None):
-    """All-reduces the members' buffers: `reduce_scatter`, `finalize`, `all_gather`.
-
-    Rabenseifner's reduce-scatter + all-gather: each member sends and receives
-    ``2 (k - 1) / k`` of the data and performs ``1 / k`` of the additions.
-
-    Args:
-      fragments: list of ``k`` lists of `Fragment` with a common layout, ``fragments[i]``
-        on ``devices[i]``.
-      devices: list of ``k`` device names.
-      plan: the `FusionPlan` of the packs.
-      finalize: optional ``f(tensor, pack)`` applied to each summed piece on its owner
-        before it is gathered.
-
-    Returns:
-      A list of ``k`` lists of `Fragment` covering the layout, list ``j`` on
-      ``devices[j]``.
-
-    Raises:
-      ValueError: as `reduce_scatter`.
-    """
-    return all_gather(reduce_scatter(fragments, devices, plan, finalize), devices)
-
-
-def two_level_all_reduce(fragments, devices, groups, plan, finalize=None, partial_finalize=None):
-    """All-reduce in two levels: inside equal groups, then across them, shard by shard.
-
-    The schedule shared by the 2D torus (groups = grid rows; Mikami et al., arXiv:1811.05233;
-    Ying et al., arXiv:1811.06992) and the hierarchical all-reduce in reduce-scatter mode
-    (groups = nodes; Jia et al., arXiv:1807.11205):
-
-    1. reduce-scatter inside each group: its j-th member owns group shard j;
-    2. all-reduce shard j across the groups, among their j-th members (a torus column, or
-       the devices of local rank j);
-    3. all-gather inside each group.
-
-    A group of one member skips step 1 (and 3 is a no-op); a single group skips step 2.
-    Every group cuts the common layout identically, so the j-th members of all groups
-    hold the same ranges in step 2.
-
-    Args:
-      fragments: list (one per device, replica order) of lists of `Fragment` with a common
-        layout, ``fragments[i]`` on ``devices[i]``.
+      schedule: a `tfscale.distribute.algorithms.Schedule` for ``len(devices)`` ranks.
+      fragments: list (one per device, replica order) of lists of `Fragment` with a
+        common layout, ``fragments[i]`` on ``devices[i]``, in the wire dtype.
       devices: list of device names, one per replica.
-      groups: list of equal-sized lists of replica indices partitioning
-        ``range(len(devices))`` (the rows, or the nodes).
       plan: the `FusionPlan` of the packs.
       finalize: optional ``f(tensor, pack)`` applied once to each fully reduced piece on
-        its owner (after step 2, or after step 1 when there is one group).
-      partial_finalize: optional ``f(tensor, pack)`` applied to the partial sums of step 1
-        before step 2 sends them (the cast back to the wire dtype).
+        its owner, in the schedule's last reducing phase (MEAN scaling, cast to wire).
+      partial_finalize: optional ``f(tensor, pack)`` applied to the partial sums of the
+        earlier reducing phases (the cast back to the wire dtype).
 
     Returns:
       A list (one per device) of lists of `Fragment` covering the layout, list ``i`` on
-      ``devices[i]``.
+      (or, for the last hop, consumed on) ``devices[i]``.
 
     Raises:
-      ValueError: as `reduce_scatter`.
+      ValueError: if the schedule is for another number of ranks.
     """
-    size = len(groups[0])
-    single_group = len(groups) == 1
-    # 1. Reduce-scatter inside each group.
-    if size == 1:
-        shards = [[fragments[group[0]]] for group in groups]
-    else:
-        shards = [
-            reduce_scatter(
-                [fragments[k] for k in group],
-                [devices[k] for k in group],
-                plan,
-                finalize=finalize if single_group else partial_finalize,
-            )
-            for group in groups
-        ]
-    # 2. All-reduce shard j across the groups, among their j-th members.
-    held = [None] * len(devices)
-    for j in range(size):
-        peers = [group[j] for group in groups]
-        parts = [shards[m][j] for m in range(len(groups))]
-        per_member = parts if single_group else all_reduce(
-            parts, [devices[k] for k in peers], plan, finalize=finalize
-        )
-        for k, frags in zip(peers, per_member):
-            held[k] = frags
-    # 3. All-gather inside each group.
-    result = [None] * len(devices)
-    for group in groups:
-        gathered = all_gather([held[k] for k in group], [devices[k] for k in group], copy=False)
-        for k, frags in zip(group, gathered):
-            result[k] = frags
-    return result
-
-
-def reduce(fragments, devices, root, plan, finalize=None):
-    """Sums the members' buffers onto ``devices[root]``.
-
-    Args:
-      fragments: list of ``k`` lists of `Fragment` with a common layout, ``fragments[i]``
-        on ``devices[i]``.
-      devices: list of ``k`` device names.
-      root: int in ``[0, k)``, the member that receives the sum.
-      plan: the `FusionPlan` of the packs.
-      finalize: optional ``f(tensor, pack)`` applied to each sum on the root.
-
-    Returns:
-      A list of `Fragment` (the layout) on ``devices[root]``.
-
-    Raises:
-      ValueError: if `root` is out of range, or as `reduce_scatter`.
-    """
-    layout = _check_group(fragments, devices)
-    if not 0 <= root < len(devices):
+    if schedule.num_ranks != len(devices):
         raise ValueError(
-            f"Argument `root` must be in [0, {len(devices)}). Received: root={root}"
+            f"The {schedule.algorithm!r} schedule is for {schedule.num_ranks} ranks, but there are "
+            f"{len(devices)} devices"
         )
-    out = []
-    for i, (p, s, e) in enumerate(layout):
-        with tf.device(devices[root]):
-            total = _sum([member[i].tensor for member in fragments], plan.accum_dtypes[p])
-            if finalize is not None:
-                total = finalize(total, p)
-        out.append(Fragment(p, s, e, total))
-    return out
-
-
-def broadcast(fragments, root, devices, copy=True):
-    """Sends the fragments held by ``devices[root]`` to every member.
-
-    Args:
-      fragments: list of `Fragment` held by ``devices[root]``.
-      root: int in ``[0, k)``.
-      devices: list of ``k`` device names.
-      copy: bool, as in `all_gather`.
-
-    Returns:
-      A list of ``k`` lists of `Fragment`, list ``j`` on ``devices[j]`` (the root's
-      unchanged, the others one ``tf.identity`` hop).
-    """
-    per_member = [[] for _ in devices]
-    per_member[root] = list(fragments)
-    return all_gather(per_member, devices, copy=copy)
+    held = list(fragments)
+    last_reduction = schedule.last_reduction
+    last = len(schedule.phases) - 1
+    for index, phase in enumerate(schedule.phases):
+        fin = finalize if index == last_reduction else partial_finalize
+        copy = index != last
+        new = list(held)
+        for group in phase.groups:
+            frags = [held[r] for r in group]
+            devs = [devices[r] for r in group]
+            if phase.kind == schedule_lib.REDUCE_SCATTER:
+                out = primitives.reduce_scatter(frags, devs, plan, finalize=fin)
+            elif phase.kind == schedule_lib.ALL_REDUCE:
+                out = primitives.all_gather(primitives.reduce_scatter(frags, devs, plan, finalize=fin), devs, copy=copy)
+            elif phase.kind == schedule_lib.ALL_GATHER:
+                out = primitives.all_gather(frags, devs, copy=copy)
+            elif phase.kind == schedule_lib.REDUCE:
+                out = [None] * len(group)
+                out[phase.root] = primitives.reduce(frags, devs, phase.root, plan, finalize=fin)
+            else:  # BROADCAST
+                out = primitives.broadcast(frags[phase.root], phase.root, devs, copy=copy)
+            for r, o in zip(group, out):
+                new[r] = o
+        held = new
+    return held
 
 
 def _devices_of(value):
     return tuple(v.device for v in value.values)
 
 
-def _destination_devices(destinations):
-    return tuple(_cross_device_ops_lib.get_devices_from(destinations))
-
-
 def _same_devices(a, b):
     canon = tf.DeviceSpec.from_string
     return len(a) == len(b) and all(canon(x) == canon(y) for x, y in zip(a, b))
-
-
-def _mirrored(tensors):
-    return _distribute_utils.regroup(tuple(tensors), wrap_class=_values_lib.Mirrored)
 
 
 def _is_sparse(value):
@@ -457,13 +125,14 @@ def _is_sparse(value):
 class LocalAllReduce(tf.distribute.CrossDeviceOps):
     """Base class of tfscale's one-process all-reduce `tf.distribute.CrossDeviceOps`.
 
-    It does what is common to `TorusAllReduce` and `HierarchicalAllReduce`:
+    It does what is common to every schedule (`ScheduledAllReduce`, `TorusAllReduce`,
+    `HierarchicalAllReduce`):
 
     1. Dense float values whose destinations are their own devices (an all-reduce, which
        is what Keras's gradient aggregation under `MirroredStrategy` asks for) are fused
        per device with `packing.pack` into buffers of about `bytes_per_pack` bytes,
        cast to the wire dtype (`compression`), all-reduced by the subclass's
-       `_all_reduce_fragments` schedule, cast back and unpacked on every device; MEAN is a
+       `schedule` (`run_schedule`), cast back and unpacked on every device; MEAN is a
        scale by ``1 / num_replicas`` applied once, on the shard owners, in the
        accumulation dtype.
     2. Sparse `tf.IndexedSlices` are all-gathered (values and indices concatenated on
@@ -489,47 +158,35 @@ class LocalAllReduce(tf.distribute.CrossDeviceOps):
         `packing`); sums are in float32.
 
     Raises:
+      TypeError: if `bytes_per_pack` is not an int.
       ValueError: if `bytes_per_pack` < 0 or `compression` is unknown.
     """
 
     def __init__(self, bytes_per_pack=DEFAULT_BYTES_PER_PACK, compression=None):
         super().__init__()
-        if isinstance(bytes_per_pack, bool) or not isinstance(bytes_per_pack, int):
-            raise TypeError(
-                "Argument `bytes_per_pack` must be an int. "
-                f"Received: bytes_per_pack={bytes_per_pack!r}"
-            )
-        if bytes_per_pack < 0:
-            raise ValueError(
-                "Argument `bytes_per_pack` must be >= 0. "
-                f"Received: bytes_per_pack={bytes_per_pack}"
-            )
-        self.bytes_per_pack = bytes_per_pack
+        self.bytes_per_pack = validation.check_non_negative_int("bytes_per_pack", bytes_per_pack)
         self.compression = packing.validate_compression(compression)
         self.num_batch_reduce_calls = 0
         self.num_reduced_tensors = 0
         self._fallback = tf.distribute.ReductionToOneDevice()
 
     # ----------------------------------------------------------- subclass interface
-    def _check_num_devices(self, num_devices):
-        """Raises ValueError if the schedule cannot run on `num_devices` devices."""
+    def schedule(self, num_devices):
+        """Returns the `Schedule` this op runs on `num_devices` replicas (subclasses define it).
 
-    def _all_reduce_fragments(self, fragments, devices, plan, finalize):
-        """The schedule: all-reduces the fused buffers of every device.
-
-        Args:
-          fragments: list (one per device, replica order) of lists of `Fragment`, one
-            per non-empty pack, in the wire dtype, ``fragments[i]`` on ``devices[i]``.
-          devices: the replica devices.
-          plan: the `FusionPlan`.
-          finalize: ``f(tensor, pack)``, to apply once to each fully reduced piece, on
-            its owner (MEAN scaling and the cast to the wire dtype).
-
-        Returns:
-          A list (one per device) of lists of `Fragment` covering every pack, on that
-          device.
+        Raises:
+          ValueError: if the algorithm cannot run on `num_devices` devices.
         """
         raise NotImplementedError
+
+    def _check_num_devices(self, num_devices):
+        """Raises ValueError if the schedule cannot run on `num_devices` devices."""
+        self.schedule(num_devices)
+
+    def _all_reduce_fragments(self, fragments, devices, plan, finalize):
+        """Runs `schedule(len(devices))` on the fused buffers (see `run_schedule`)."""
+        return run_schedule(self.schedule(len(devices)), fragments, devices, plan,
+                            finalize=finalize, partial_finalize=self._to_wire(plan))
 
     def _to_wire(self, plan):
         """Returns ``f(tensor, pack)`` casting a partial sum to the pack's wire dtype."""
@@ -554,7 +211,7 @@ class LocalAllReduce(tf.distribute.CrossDeviceOps):
         devices = _devices_of(pairs[0][0])
         for i, (value, dest) in enumerate(pairs):
             own = _same_devices(_devices_of(value), devices) and _same_devices(
-                _destination_devices(dest), devices
+                _tf_compat.destination_devices(dest), devices
             )
             if not own or len(devices) == 1:
                 other.append(i)
@@ -580,7 +237,7 @@ class LocalAllReduce(tf.distribute.CrossDeviceOps):
 
     def _gather_implementation(self, per_replica_value, destinations, axis, options):
         devices = _devices_of(per_replica_value)
-        if not _same_devices(_destination_devices(destinations), devices):
+        if not _same_devices(_tf_compat.destination_devices(destinations), devices):
             return self._fallback._gather(  # pylint: disable=protected-access
                 per_replica_value, destinations, axis, options
             )
@@ -592,7 +249,7 @@ class LocalAllReduce(tf.distribute.CrossDeviceOps):
                     tf.concat([v if v.device == device else tf.identity(v) for v in values],
                               axis=axis)
                 )
-        return _mirrored(gathered)
+        return _tf_compat.mirrored(gathered)
 
     # -------------------------------------------------------------------- internals
     def _batch_all_reduce(self, reduce_op, per_replica_values, devices):
@@ -636,7 +293,7 @@ class LocalAllReduce(tf.distribute.CrossDeviceOps):
                     )
                 outputs_by_device.append(packing.unpack_from_shards(by_pack, spec))
         return [
-            _mirrored([outputs_by_device[d][i] for d in range(num_devices)])
+            _tf_compat.mirrored([outputs_by_device[d][i] for d in range(num_devices)])
             for i in range(len(per_replica_values))
         ]
 
@@ -654,4 +311,134 @@ class LocalAllReduce(tf.distribute.CrossDeviceOps):
                 if dense_shape is not None:
                     dense_shape = tf.identity(dense_shape)
                 outputs.append(tf.IndexedSlices(values, indices, dense_shape))
-        return _mirrored(outputs)
+        return _tf_compat.mirrored(outputs)
+
+
+class ScheduledAllReduce(LocalAllReduce):
+    """Any registered all-reduce algorithm as a one-process `tf.distribute.CrossDeviceOps`.
+
+    The schedule (`tfscale.distribute.algorithms.build_schedule`) is built for the number
+    of replicas at the first reduce, and cached per replica count.
+
+    Args:
+      algorithm: a name of `tfscale.distribute.algorithms.algorithm_names()` or an alias
+        (``"ring"`` is ``"flat"``). Default ``"flat"``.
+      bytes_per_pack: int >= 0, fusion threshold in bytes (default 256 KiB,
+        `IN_PROCESS_BYTES_PER_PACK`); 0 fuses all gradients of a dtype into one buffer.
+      compression: None, ``"fp16"``/``"float16"`` or ``"bf16"``/``"bfloat16"``: the dtype
+        gradients travel in; sums are accumulated in float32.
+      **params: the algorithm's topology parameters (``grid_shape``, ``devices_per_node``,
+        ...); None means the algorithm's default.
+
+    Attributes:
+      algorithm: str, the registered name.
+      params: dict, the topology parameters given.
+
+    Raises:
+      ValueError: for an unknown algorithm (listing the valid names), a parameter the
+        algorithm does not take, `bytes_per_pack` < 0 or an unknown compression; at the
+        first reduce, a topology that does not fit the replica count.
+
+    Example:
+      >>> op = ScheduledAllReduce("halving_doubling")
+      >>> strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=op)
+    """
+
+    def __init__(self, algorithm="flat", bytes_per_pack=IN_PROCESS_BYTES_PER_PACK, compression=None, **params):
+        super().__init__(bytes_per_pack=bytes_per_pack, compression=compression)
+        entry = algorithms.get_algorithm(algorithm)
+        for key in params:
+            if key not in entry.parameters:
+                raise ValueError(
+                    f"Argument `{key}` does not apply to all_reduce algorithm {entry.name!r} "
+                    f"(its parameters: {list(entry.parameters)}). Received: {key}={params[key]!r}"
+                )
+        self.algorithm = entry.name
+        self.params = {k: v for k, v in params.items() if v is not None}
+        self._schedules = {}
+
+    def schedule(self, num_devices):
+        if num_devices not in self._schedules:
+            self._schedules[num_devices] = algorithms.build_schedule(self.algorithm, num_devices, **self.params)
+        return self._schedules[num_devices]
+
+
+class TorusAllReduce(ScheduledAllReduce):
+    """2D-torus all-reduce for `tf.distribute.MirroredStrategy` (arXiv:1811.05233).
+
+    Reduce-scatter along rows, all-reduce of each shard along columns, all-gather along
+    rows (`tfscale.distribute.algorithms.torus`); see the module docstring for the
+    compression error bound. The replicas are laid out row-major in the strategy's device
+    order. Degenerate grids work: ``1 x N`` is a flat reduce-scatter + all-gather,
+    ``N x 1`` a column all-reduce of the whole buffer, ``1 x 1`` an identity.
+
+    Args:
+      grid_shape: None (the most square grid, `topology.factor_grid`), ``"RxC"`` or
+        ``(rows, cols)``; checked against the number of replicas at the first reduce
+        (`create_strategy` checks it at creation).
+      bytes_per_pack: int >= 0, fusion threshold in bytes (default 256 KiB); 0 fuses all
+        gradients of a dtype into one buffer.
+      compression: None, ``"fp16"`` or ``"bf16"``: the dtype gradients travel in; sums
+        are accumulated in float32.
+
+    Raises:
+      ValueError: if `grid_shape` is malformed, `bytes_per_pack` < 0 or `compression`
+        unknown; at the first reduce, if ``rows * cols`` differs from the number of
+        replicas (the message names both).
+
+    Example:
+      >>> strategy = tf.distribute.MirroredStrategy(
+      ...     devices, cross_device_ops=TorusAllReduce(grid_shape="2x4"))
+    """
+
+    def __init__(self, grid_shape=None, bytes_per_pack=IN_PROCESS_BYTES_PER_PACK, compression=None):
+        grid_shape = topology.parse_grid_format(grid_shape)
+        super().__init__("torus", bytes_per_pack=bytes_per_pack, compression=compression, grid_shape=grid_shape)
+        self.grid_shape = grid_shape
+
+    def grid(self, num_devices):
+        """Returns the `topology.Grid` used for `num_devices` replicas.
+
+        Raises:
+          ValueError: if the configured `grid_shape` does not multiply to `num_devices`.
+        """
+        return topology.Grid(*topology.parse_grid_shape(self.grid_shape, num_devices))
+
+
+class HierarchicalAllReduce(ScheduledAllReduce):
+    """Hierarchical (intra-node, inter-node, intra-node) all-reduce (arXiv:1807.11205).
+
+    See `tfscale.distribute.algorithms.hierarchical` for the two schedules and the module
+    docstring for the compression error bound. Replicas are grouped into nodes of
+    contiguous devices in the strategy's device order.
+
+    Args:
+      devices_per_node: int >= 1 that divides the number of replicas (checked at the
+        first reduce; `create_strategy` checks it at creation). 1 or the number of
+        replicas gives a flat all-reduce.
+      bytes_per_pack: int >= 0, fusion threshold in bytes (default 256 KiB); 0 fuses all
+        gradients of a dtype into one buffer.
+      compression: None, ``"fp16"`` or ``"bf16"``: the dtype gradients travel in; sums
+        are accumulated in float32.
+      intra_node: ``"reduce_scatter"`` (default, Horovod's form) or ``"reduce"`` (to the
+        node leader, Jia et al.'s and ChainerMN's form).
+
+    Raises:
+      TypeError: if `devices_per_node` is not an int.
+      ValueError: if `devices_per_node` < 1, `bytes_per_pack` < 0, `compression` or
+        `intra_node` unknown; at the first reduce, if `devices_per_node` does not divide
+        the number of replicas.
+
+    Example:
+      >>> strategy = tf.distribute.MirroredStrategy(
+      ...     devices, cross_device_ops=HierarchicalAllReduce(devices_per_node=4))
+    """
+
+    def __init__(self, devices_per_node, bytes_per_pack=IN_PROCESS_BYTES_PER_PACK, compression=None,
+                 intra_node="reduce_scatter"):
+        devices_per_node = validation.check_positive_int("devices_per_node", devices_per_node)
+        validation.check_choice("intra_node", intra_node, ("reduce_scatter", "reduce"))
+        super().__init__("hierarchical", bytes_per_pack=bytes_per_pack, compression=compression,
+                         devices_per_node=devices_per_node, intra_node=intra_node)
+        self.devices_per_node = devices_per_node
+        self.intra_node = intra_node

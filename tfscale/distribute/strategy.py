@@ -1,40 +1,36 @@
-"""One call from an all-reduce name to a ready `tf.distribute.Strategy`.
+"""`create_strategy`: an algorithm name to a ready `tf.distribute` strategy.
 
-`create_strategy` maps a name (`ALGORITHMS`) to a `tf.distribute.CrossDeviceOps`, in the
-style of Model Garden's ``distribute_utils``, and returns a `MirroredStrategy` over the
-local devices: the GPUs when there are any, else logical CPU devices that
-`configure_logical_devices` splits off the host CPU (so that multi-replica training runs on
-a CPU-only machine, e.g. in tests).
+In the style of Model Garden's ``distribute_utils``, a name becomes a
+`tf.distribute.MirroredStrategy` over the local devices (the GPUs when there are any,
+else logical CPU devices that `configure_logical_devices` splits off the host CPU, so that
+multi-replica training runs on a CPU-only machine), or, under a multi-worker cluster, a
+`MultiWorkerMirroredStrategy` (`tfscale.distribute.multi_worker`).
 
-Names:
-
-* ``"torus"``: `TorusAllReduce` (Mikami et al., arXiv:1811.05233; Ying et al.,
-  arXiv:1811.06992), tfscale's default;
-* ``"hierarchical"``: `HierarchicalAllReduce` (Jia et al., arXiv:1807.11205);
-* ``"ring"``: the flat bandwidth-optimal all-reduce, reduce-scatter + all-gather over all
-  replicas, i.e. `TorusAllReduce` on a ``1 x N`` grid (each device sends
-  ``2 (N - 1) / N`` of the buffer, like a ring);
-* ``"reduction_to_one_device"``, ``"hierarchical_copy"``, ``"collective"``: TF's
-  built-ins `tf.distribute.ReductionToOneDevice`, `tf.distribute.HierarchicalCopyAllReduce`
-  and MirroredStrategy's default `CollectiveAllReduce`.
-
-Only the one-process path (`MirroredStrategy`) is built here, in `_one_process_strategy`;
-a multi-worker branch belongs next to it.
+Names (`algorithm_names()`): every algorithm of the registry
+(`tfscale.distribute.algorithms`: ``torus``, ``hierarchical``, ``halving_doubling``,
+``flat`` with its alias ``ring``, and any you register), run in one process by
+`ScheduledAllReduce`; plus TF's built-ins ``reduction_to_one_device``,
+``hierarchical_copy`` and ``collective`` (`tf.distribute.ReductionToOneDevice`,
+`tf.distribute.HierarchicalCopyAllReduce` and MirroredStrategy's default
+`CollectiveAllReduce`).
 """
 
 import logging
 
 import tensorflow as tf
 
+from tfscale.distribute import _tf_compat
+from tfscale.distribute import algorithms
+from tfscale.distribute import handle as handle_lib
 from tfscale.distribute import local
 from tfscale.distribute import packing
 from tfscale.distribute import topology
-from tfscale.distribute.hierarchical import HierarchicalAllReduce
-from tfscale.distribute.torus import TorusAllReduce
 
 __all__ = [
     "ALGORITHMS",
+    "TF_BUILTINS",
     "TFSCALE_ALGORITHMS",
+    "algorithm_names",
     "configure_logical_devices",
     "create_cross_device_ops",
     "create_strategy",
@@ -43,11 +39,49 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-TFSCALE_ALGORITHMS = ("torus", "hierarchical", "ring")
-"""The algorithms implemented by tfscale (they accept `bytes_per_pack` and `compression`)."""
+TF_BUILTINS = {
+    "reduction_to_one_device": tf.distribute.ReductionToOneDevice,
+    "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce,
+    "collective": None,  # MirroredStrategy's (and MWMS's) own CollectiveAllReduce.
+}
+"""TF's own cross-device ops, by name: class, or None for the strategy's default."""
 
-ALGORITHMS = TFSCALE_ALGORITHMS + ("reduction_to_one_device", "hierarchical_copy", "collective")
-"""Valid `create_strategy(algorithm=...)` names; the last three are TF's built-ins."""
+
+def algorithm_names(include_builtins=True):
+    """Returns every valid `create_strategy(algorithm=...)` name, sorted.
+
+    Args:
+      include_builtins: bool; False leaves out TF's built-ins (`TF_BUILTINS`). Default True.
+
+    Returns:
+      tuple of str: the registry's algorithms (`tfscale.distribute.algorithms`), their
+      aliases (``ring``), ``auto``-free, and TF's built-ins.
+    """
+    names = set(algorithms.algorithm_names()) | set(algorithms.ALIASES)
+    if include_builtins:
+        names |= set(TF_BUILTINS)
+    return tuple(sorted(names))
+
+
+def _check_algorithm(algorithm):
+    if algorithm in TF_BUILTINS:
+        return algorithm
+    try:
+        return algorithms.canonical_name(algorithm)
+    except ValueError:
+        raise ValueError(
+            f"Unknown all_reduce algorithm {algorithm!r}; expected one of {list(algorithm_names())}. "
+            f"Received: algorithm={algorithm!r}"
+        ) from None
+
+
+def __getattr__(name):
+    # Computed from the registry at each access, so a registered algorithm is listed.
+    if name == "TFSCALE_ALGORITHMS":
+        return algorithm_names(include_builtins=False)
+    if name == "ALGORITHMS":
+        return algorithm_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _device_type():
@@ -130,69 +164,59 @@ def local_devices(num_replicas=None):
 
 
 def create_cross_device_ops(algorithm, num_replicas, grid_shape=None, devices_per_node=None,
-                            bytes_per_pack=local.DEFAULT_BYTES_PER_PACK, compression=None,
+                            bytes_per_pack=local.IN_PROCESS_BYTES_PER_PACK, compression=None,
                             intra_node="reduce_scatter"):
     """Returns the `tf.distribute.CrossDeviceOps` for `algorithm`, or None for "collective".
 
     Args:
-      algorithm: one of `ALGORITHMS`.
+      algorithm: one of `algorithm_names()`.
       num_replicas: int >= 1, the number of replicas (to check `grid_shape` and
         `devices_per_node`).
       grid_shape: torus only: None (most square), ``"RxC"`` or ``(rows, cols)``.
       devices_per_node: hierarchical only: int dividing `num_replicas`; None picks the
         column count of `topology.factor_grid(num_replicas)` (e.g. 4 of 8).
       bytes_per_pack: int >= 0, fusion threshold in bytes for tfscale's algorithms.
-      compression: None, ``"fp16"`` or ``"bf16"``, tfscale's algorithms only.
+      compression: None, ``"fp16"``/``"float16"`` or ``"bf16"``/``"bfloat16"``, tfscale's
+        algorithms only.
       intra_node: hierarchical only, ``"reduce_scatter"`` or ``"reduce"``.
 
     Returns:
-      A `tf.distribute.CrossDeviceOps`, or None for ``"collective"`` (MirroredStrategy's
+      A `ScheduledAllReduce` (`TorusAllReduce`, `HierarchicalAllReduce`) for a registered
+      algorithm, TF's op for a built-in, or None for ``"collective"`` (MirroredStrategy's
       own default).
 
     Raises:
-      ValueError: for an unknown `algorithm` (the message lists `ALGORITHMS`), a
+      ValueError: for an unknown `algorithm` (the message lists the valid names), a
         `grid_shape` or `devices_per_node` that does not fit `num_replicas` or is given to
         an algorithm that does not use it, or `compression` with a built-in algorithm.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(
-            f"Unknown all_reduce_alg {algorithm!r}; expected one of {sorted(ALGORITHMS)}. "
-            f"Received: algorithm={algorithm!r}"
-        )
-    if grid_shape is not None and algorithm != "torus":
-        raise ValueError(
-            "Argument `grid_shape` only applies to algorithm='torus'. "
-            f"Received: grid_shape={grid_shape!r}, algorithm={algorithm!r}"
-        )
-    if devices_per_node is not None and algorithm != "hierarchical":
-        raise ValueError(
-            "Argument `devices_per_node` only applies to algorithm='hierarchical'. "
-            f"Received: devices_per_node={devices_per_node!r}, algorithm={algorithm!r}"
-        )
+    name = _check_algorithm(algorithm)
     compression = packing.validate_compression(compression)
-    if compression is not None and algorithm not in TFSCALE_ALGORITHMS:
-        raise ValueError(
-            f"Argument `compression` is only supported by {list(TFSCALE_ALGORITHMS)}. "
-            f"Received: compression={compression!r}, algorithm={algorithm!r}"
-        )
-    if algorithm == "torus":
-        topology.parse_grid_shape(grid_shape, num_replicas)  # Error names both.
-        return TorusAllReduce(grid_shape, bytes_per_pack=bytes_per_pack,
-                              compression=compression)
-    if algorithm == "ring":
-        return TorusAllReduce((1, num_replicas), bytes_per_pack=bytes_per_pack,
-                              compression=compression)
-    if algorithm == "hierarchical":
+    if name in TF_BUILTINS:
+        for arg, value in (("grid_shape", grid_shape), ("devices_per_node", devices_per_node),
+                           ("compression", compression)):
+            if value is not None:
+                raise ValueError(
+                    f"Argument `{arg}` only applies to tfscale's algorithms {list(algorithm_names(False))}. "
+                    f"Received: {arg}={value!r}, algorithm={algorithm!r}"
+                )
+        cls = TF_BUILTINS[name]
+        return None if cls is None else cls()
+    params = {"grid_shape": grid_shape, "devices_per_node": devices_per_node}
+    if name == "hierarchical":
         if devices_per_node is None:
-            devices_per_node = topology.factor_grid(num_replicas)[1]
-        topology.node_groups(num_replicas, devices_per_node)  # Error names both.
-        return HierarchicalAllReduce(devices_per_node, bytes_per_pack=bytes_per_pack,
-                                     compression=compression, intra_node=intra_node)
-    if algorithm == "reduction_to_one_device":
-        return tf.distribute.ReductionToOneDevice()
-    if algorithm == "hierarchical_copy":
-        return tf.distribute.HierarchicalCopyAllReduce()
-    return None  # "collective": MirroredStrategy's default CollectiveAllReduce.
+            params["devices_per_node"] = topology.factor_grid(num_replicas)[1]
+        if intra_node != "reduce_scatter":
+            params["intra_node"] = intra_node
+    params = {k: v for k, v in params.items() if v is not None}
+    # Builds (and so checks) the schedule now: a bad topology fails before any device is touched.
+    algorithms.build_schedule(name, num_replicas, **params)
+    if name == "torus":
+        return local.TorusAllReduce(grid_shape, bytes_per_pack=bytes_per_pack, compression=compression)
+    if name == "hierarchical":
+        return local.HierarchicalAllReduce(params["devices_per_node"], bytes_per_pack=bytes_per_pack,
+                                           compression=compression, intra_node=intra_node)
+    return local.ScheduledAllReduce(name, bytes_per_pack=bytes_per_pack, compression=compression, **params)
 
 
 _COLLECTIVE_KEY_STRIDE = 100_000
@@ -204,33 +228,26 @@ def _one_process_strategy(devices, cross_device_ops):
 
     With ``cross_device_ops=None`` (MirroredStrategy's own `CollectiveAllReduce`), every
     strategy of a process starts its collective group keys at 1, so a second strategy
-    over a different number of devices fails ("joining a group with size 8, but that group
-    has size 4") and poisons every later collective. Each such strategy therefore gets its
-    own key range, the way TF's own ``strategy_combinations`` does (a subclass setting the
-    non-public ``_collective_key_base``).
+    over a different number of devices fails and poisons every later collective; each
+    such strategy therefore gets its own key range (`_tf_compat.keyed_mirrored_strategy`).
     """
     if cross_device_ops is not None:
-        return tf.distribute.MirroredStrategy(devices=devices,
-                                              cross_device_ops=cross_device_ops)
+        return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross_device_ops)
     _collective_strategies[0] += 1
-
-    class _KeyedMirroredStrategy(tf.distribute.MirroredStrategy):
-        _collective_key_base = _COLLECTIVE_KEY_STRIDE * _collective_strategies[0]
-
-    return _KeyedMirroredStrategy(devices=devices)
+    return _tf_compat.keyed_mirrored_strategy(devices, _COLLECTIVE_KEY_STRIDE * _collective_strategies[0])
 
 
 def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
-                    devices_per_node=None, bytes_per_pack=local.DEFAULT_BYTES_PER_PACK,
+                    devices_per_node=None, bytes_per_pack=local.IN_PROCESS_BYTES_PER_PACK,
                     compression=None, intra_node="reduce_scatter"):
     """Returns a `tf.distribute.MirroredStrategy` whose gradient all-reduce is `algorithm`.
 
     In a multi-worker environment (`TF_CONFIG`, Open MPI or SLURM variables naming more than
     one worker; see `tfscale.launch`) it returns instead a `MultiWorkerMirroredStrategy`
     whose all-reduce is tfscale's `algorithm` over TF's collective runtime
-    (`collective.create_multi_worker_strategy`); `num_replicas` is then ignored (each
-    worker's device count comes from the launcher) and `algorithm` must be "torus",
-    "hierarchical", "ring" or "collective" (MWMS's own all-reduce).
+    (`multi_worker.create_multi_worker_strategy`); `num_replicas` is then ignored (each
+    worker's device count comes from the launcher) and `algorithm` must be a registered
+    algorithm or "collective" (MWMS's own all-reduce).
 
     Otherwise it sets up the devices first (`configure_logical_devices`: GPUs if present, else
     `num_replicas` logical CPUs, which must happen before TensorFlow initialises), then
@@ -238,7 +255,7 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
     ``strategy.scope()`` then sums gradients with it.
 
     Args:
-      algorithm: one of `ALGORITHMS` (default ``"torus"``).
+      algorithm: one of `algorithm_names()` (default ``"torus"``).
       num_replicas: int >= 1, or None for every GPU (or every logical CPU already
         configured, 1 if none).
       grid_shape: torus only: None (most square), ``"RxC"`` or ``(rows, cols)`` with
@@ -248,11 +265,14 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
       bytes_per_pack: int >= 0, fusion threshold in bytes; 0 fuses all gradients of a
         dtype into one buffer; None picks the path's default (256 KiB in one process,
         32 MiB across processes). Default 256 KiB.
-      compression: None, ``"fp16"`` or ``"bf16"`` (tfscale's algorithms only).
+      compression: None, ``"fp16"``/``"float16"`` or ``"bf16"``/``"bfloat16"`` (tfscale's
+        algorithms only). fp16 overflows to inf above 65504.
       intra_node: hierarchical only: ``"reduce_scatter"`` (default) or ``"reduce"``.
 
     Returns:
-      A `tf.distribute.MirroredStrategy`; its ``extended._cross_device_ops`` is the op.
+      A `tf.distribute.MirroredStrategy`; `strategy_handle(strategy)` describes it
+      (algorithm, schedule, cross-device op) and `get_cross_device_ops(strategy)` returns
+      the op.
 
     Raises:
       ValueError: for an unknown `algorithm` (the message lists the valid names), a
@@ -266,17 +286,13 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
       ...     model = build_model(); model.compile(...)
       >>> model.fit(dataset)
     """
-    if algorithm not in ALGORITHMS:  # Fail before touching the devices.
-        raise ValueError(
-            f"Unknown all_reduce_alg {algorithm!r}; expected one of {sorted(ALGORITHMS)}. "
-            f"Received: algorithm={algorithm!r}"
-        )
-    from tfscale.distribute import collective  # noqa: PLC0415 (imports the version-guarded compat layer)
+    _check_algorithm(algorithm)  # Fail before touching the devices.
+    from tfscale.distribute import multi_worker  # noqa: PLC0415
 
-    if collective.in_multi_worker_environment():
+    if multi_worker.in_multi_worker_environment():
         return _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression)
     if bytes_per_pack is None:
-        bytes_per_pack = local.DEFAULT_BYTES_PER_PACK
+        bytes_per_pack = local.IN_PROCESS_BYTES_PER_PACK
     devices = local_devices(num_replicas)
     cross_device_ops = create_cross_device_ops(
         algorithm,
@@ -288,28 +304,32 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
         intra_node=intra_node,
     )
     _LOG.info("tfscale: %s all-reduce over %d devices", algorithm, len(devices))
-    return _one_process_strategy(devices, cross_device_ops)
+    strategy = _one_process_strategy(devices, cross_device_ops)
+    handle_lib.attach(strategy, handle_lib.StrategyHandle(
+        algorithm=_check_algorithm(algorithm), num_replicas=len(devices), cross_device_ops=cross_device_ops))
+    return strategy
 
 
 def _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression):
     """The multi-process path of `create_strategy` (see there)."""
-    from tfscale.distribute import collective  # noqa: PLC0415
+    from tfscale.distribute import multi_worker  # noqa: PLC0415
 
-    valid = list(collective.ALGORITHMS) + ["collective"]
-    if algorithm not in valid:
+    name = _check_algorithm(algorithm)
+    if name in TF_BUILTINS and name != "collective":
         raise ValueError(
-            f"Under a multi-worker cluster `algorithm` must be one of {sorted(valid)}. "
-            f"Received: algorithm={algorithm!r}"
+            f"Under a multi-worker cluster `algorithm` must be one of "
+            f"{sorted(set(algorithm_names(False)) | {'collective'})}. Received: algorithm={algorithm!r}"
         )
     kwargs = {} if bytes_per_pack is None else {"bytes_per_pack": bytes_per_pack}
-    strategy = collective.create_multi_worker_strategy(
-        "ring" if algorithm == "collective" else algorithm,
-        grid_shape=grid_shape if algorithm == "torus" else None,
-        devices_per_node=devices_per_node if algorithm == "hierarchical" else None,
+    strategy = multi_worker.create_multi_worker_strategy(
+        "flat" if name == "collective" else name,
+        grid_shape=grid_shape,
+        devices_per_node=devices_per_node,
         compression=compression,
         **kwargs,
     )
-    if algorithm == "collective":
-        collective.use_all_reduce(strategy, None)  # MWMS's own CollectiveAllReduce
+    if name == "collective":
+        multi_worker.use_all_reduce(strategy, None)  # MWMS's own CollectiveAllReduce
+        handle_lib.strategy_handle(strategy).algorithm = "collective"
     _LOG.info("tfscale: %s all-reduce over %d workers", algorithm, strategy.num_replicas_in_sync)
     return strategy

@@ -5,9 +5,8 @@ Training in a Flash", arXiv:1811.05233) and Ying et al. ("Image Classification a
 Supercomputer Scale", arXiv:1811.06992) arranges the ``N = rows * cols`` devices as a grid;
 the hierarchical all-reduce of Jia et al. ("Highly Scalable Deep Learning Training System
 with Mixed-Precision", arXiv:1807.11205) groups them by node. This module holds the
-rank <-> (row, column) arithmetic, the groups and the shard boundaries that both the
-one-process ops (`torus.py`, `hierarchical.py`) and the multi-process ops
-(`collective.py`) share.
+rank <-> (row, column) arithmetic and the groups that the
+all-reduce schedules (`tfscale.distribute.algorithms`) are built from.
 
 Ranks are 0-based integers. The grid is row-major: ``rank = row * cols + col``, so a row is
 a set of contiguous ranks (devices that usually share a node or a fast link).
@@ -15,36 +14,20 @@ a set of contiguous ranks (devices that usually share a node or a fast link).
 
 import dataclasses
 import math
-import operator
 import re
+
+from tfscale.distribute import validation
 
 __all__ = [
     "Grid",
-    "aligned_shard_bounds",
     "factor_grid",
-    "parse_grid_shape",
     "node_groups",
-    "shard_bounds",
+    "parse_grid_format",
+    "parse_grid_shape",
 ]
 
 
-def _as_int(name, value):
-    """Returns `value` as a Python int (numpy ints accepted); TypeError otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"Argument `{name}` must be an int. Received: {name}={value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"Argument `{name}` must be an int. Received: {name}={value!r}"
-        ) from None
-
-
-def _check_positive_int(name, value):
-    value = _as_int(name, value)
-    if value < 1:
-        raise ValueError(f"Argument `{name}` must be >= 1. Received: {name}={value}")
-    return value
+_check_positive_int = validation.check_positive_int
 
 
 def factor_grid(num_devices):
@@ -173,37 +156,6 @@ class Grid:
         """int: the number of devices, ``rows * cols``."""
         return self.rows * self.cols
 
-    @staticmethod
-    def _check_index(name, value, upper):
-        try:
-            index = _as_int(name, value)
-        except TypeError:
-            index = None
-        if index is None or not 0 <= index < upper:
-            raise ValueError(
-                f"Argument `{name}` must be an int in [0, {upper}). Received: {name}={value!r}"
-            )
-        return index
-
-    def coords(self, rank):
-        """Returns ``(row, col)`` of `rank`, an int in ``[0, size)``.
-
-        Raises:
-          ValueError: if `rank` is not an int in ``[0, size)``.
-        """
-        rank = self._check_index("rank", rank, self.size)
-        return divmod(rank, self.cols)
-
-    def rank(self, row, col):
-        """Returns the rank ``row * cols + col`` at ``(row, col)``.
-
-        Raises:
-          ValueError: if `row` is not in ``[0, rows)`` or `col` not in ``[0, cols)``.
-        """
-        row = self._check_index("row", row, self.rows)
-        col = self._check_index("col", col, self.cols)
-        return row * self.cols + col
-
     def row_groups(self):
         """Returns the ranks of each row: `rows` lists of `cols` contiguous ranks."""
         return [list(range(r * self.cols, (r + 1) * self.cols)) for r in range(self.rows)]
@@ -244,73 +196,34 @@ def node_groups(num_devices, devices_per_node):
     ]
 
 
-def shard_bounds(num_elements, num_shards):
-    """Splits ``[0, num_elements)`` into `num_shards` contiguous half-open ranges.
-
-    Used by reduce-scatter: shard ``i`` is owned by the ``i``-th member of a group. Sizes
-    differ by at most one element (the first ``num_elements % num_shards`` shards get the
-    extra one), so nothing is padded; when ``num_elements < num_shards`` the last shards
-    are empty.
+def parse_grid_format(grid_shape):
+    """Parses `grid_shape` without knowing the device count (checked later).
 
     Args:
-      num_elements: int >= 0, the length of the flat buffer (elements, not bytes).
-      num_shards: int >= 1, the group size.
+      grid_shape: None, ``"RxC"`` (``"RXC"``, ``"R,C"``) or a ``(rows, cols)`` pair.
 
     Returns:
-      A list of `num_shards` ``(start, end)`` int tuples, ``start <= end``, covering
-      ``[0, num_elements)`` in order.
+      None or ``(rows, cols)``, ints >= 1.
 
     Raises:
-      TypeError: if an argument is not an int.
-      ValueError: if `num_elements` < 0 or `num_shards` < 1.
+      ValueError: if `grid_shape` is malformed or a dimension is < 1.
     """
-    num_elements = _as_int("num_elements", num_elements)
-    if num_elements < 0:
+    if grid_shape is None:
+        return None
+    rows = cols = None
+    if isinstance(grid_shape, str):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", grid_shape)
+        if match:
+            rows, cols = int(match.group(1)), int(match.group(2))
+    else:
+        try:
+            rows, cols = grid_shape
+            rows, cols = validation.as_int("rows", rows), validation.as_int("cols", cols)
+        except (TypeError, ValueError):
+            rows = cols = None
+    if rows is None or cols is None or rows < 1 or cols < 1:
         raise ValueError(
-            f"Argument `num_elements` must be >= 0. Received: num_elements={num_elements}"
+            "Argument `grid_shape` must be 'ROWSxCOLS' (e.g. '2x4') or a (rows, cols) pair of ints >= 1, "
+            f"or None. Received: grid_shape={grid_shape!r}"
         )
-    num_shards = _check_positive_int("num_shards", num_shards)
-    base, extra = divmod(num_elements, num_shards)
-    bounds = []
-    start = 0
-    for i in range(num_shards):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def aligned_shard_bounds(num_elements, num_shards, alignment):
-    """Like `shard_bounds`, but every boundary is a multiple of `alignment` elements.
-
-    Aligned boundaries let a shard be sliced out of a flat buffer without a copy on CPU
-    (TF shares the buffer of a 1-D slice whose start is 64-byte aligned). Shard sizes
-    differ by at most `alignment` elements; the last non-empty shard ends at
-    `num_elements`, and trailing shards may be empty when the buffer is small.
-
-    Args:
-      num_elements: int >= 0, the length of the flat buffer (elements).
-      num_shards: int >= 1, the group size.
-      alignment: int >= 1, the boundary granularity in elements (e.g. 16 for float32 and
-        64-byte alignment).
-
-    Returns:
-      A list of `num_shards` ``(start, end)`` int tuples covering ``[0, num_elements)``
-      in order.
-
-    Raises:
-      TypeError: if an argument is not an int.
-      ValueError: if `num_elements` < 0, or `num_shards` or `alignment` < 1.
-    """
-    num_elements = _as_int("num_elements", num_elements)
-    if num_elements < 0:
-        raise ValueError(
-            f"Argument `num_elements` must be >= 0. Received: num_elements={num_elements}"
-        )
-    num_shards = _check_positive_int("num_shards", num_shards)
-    alignment = _check_positive_int("alignment", alignment)
-    granules = -(-num_elements // alignment)
-    return [
-        (min(start * alignment, num_elements), min(end * alignment, num_elements))
-        for start, end in shard_bounds(granules, num_shards)
-    ]
+    return rows, cols

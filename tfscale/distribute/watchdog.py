@@ -37,7 +37,7 @@ class CollectiveWatchdog(keras.callbacks.Callback):
 
     Pass it in ``callbacks=[...]`` of every ``model.fit``, ``model.evaluate`` and
     ``model.predict`` of a multi-worker job (`create_multi_worker_strategy` makes one:
-    ``strategy.tfscale_watchdog``). It is armed from ``on_train_begin`` /
+    ``strategy_handle(strategy).watchdog``). It is armed from ``on_train_begin`` /
     ``on_test_begin`` / ``on_predict_begin`` to the matching ``*_end`` (nesting, as the
     validation inside ``fit``, is counted), and every batch, epoch and evaluation event
     resets its clock. Outside those calls it does nothing, so time spent between calls
@@ -65,7 +65,7 @@ class CollectiveWatchdog(keras.callbacks.Callback):
 
     Example:
       >>> strategy = tfscale.distribute.create_multi_worker_strategy("torus")
-      >>> watchdog = strategy.tfscale_watchdog
+      >>> watchdog = strategy_handle(strategy).watchdog
       >>> with tfscale.distribute.explain_worker_failures(strategy):
       ...     model.fit(train_ds, epochs=90, callbacks=[watchdog, backup])
       ...     model.evaluate(eval_ds, callbacks=[watchdog])

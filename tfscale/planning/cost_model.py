@@ -31,10 +31,15 @@ Ranks are node-major, so a flat ring crosses each node boundary once per step wh
 example, the column phase of a torus whose rows fill a node sends one message per column.
 All the formulas above are exactly what this module computes when all links are equal.
 
-Launch overhead: each phase that is a separate collective call (the ring and
-halving-doubling make 1 per pack, the torus and hierarchical 3: reduce-scatter, all-reduce,
-all-gather) also pays a fixed ``delta = cluster.launch_overhead_s`` (0 by default; the
-single-machine calibration measures it).
+Launch overhead: each phase of a schedule is a separate collective call per pack (the
+flat all-reduce makes 1, the torus and hierarchical 3: reduce-scatter, all-reduce,
+all-gather; halving-doubling ``2 log2 N``) and also pays a fixed
+``delta = cluster.launch_overhead_s`` (0 by default; the single-machine calibration
+measures it).
+
+One definition: the algorithms are not described here. Every cost is computed from the
+`Schedule` object (`tfscale.distribute.algorithms`) that the backends execute, phase by
+phase (`schedule_cost`); the closed forms above are what that gives on one uniform link.
 
 Fusion: a buffer sent as ``P`` packs (``bytes_per_pack``) pays the alpha and delta terms
 ``P`` times and the beta and gamma terms once over all bytes (packs run one after the
@@ -43,9 +48,12 @@ other, no overlap). Compression: sending float16/bfloat16 instead of float32 hal
 """
 
 import collections
+import collections.abc
 import dataclasses
+import functools
 import math
 
+from tfscale.distribute import algorithms
 from tfscale.planning import cluster as cluster_lib
 
 __all__ = [
@@ -56,12 +64,14 @@ __all__ = [
     "halving_doubling_allreduce_cost",
     "hierarchical_allreduce_cost",
     "num_packs",
+    "phase_steps",
     "ring_allreduce_cost",
+    "schedule_cost",
     "torus_allreduce_cost",
     "wire_bytes",
 ]
 
-_WIRE_DTYPE_BYTES = {None: None, "float32": 4, "float16": 2, "bfloat16": 2}
+_WIRE_DTYPE_BYTES = {None: None, "float32": 4, "float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +79,8 @@ class AllReduceCost:
     """The predicted cost of one all-reduce of a buffer on every worker.
 
     Attributes:
-      algorithm: str, ``"ring"``, ``"torus"``, ``"hierarchical"`` or
-        ``"halving_doubling"``.
+      algorithm: str, a registered algorithm name (``"flat"``, ``"torus"``,
+        ``"hierarchical"``, ``"halving_doubling"``, ...; `tfscale.distribute.algorithms`).
       num_workers: int, N.
       grid_shape: ``(rows, cols)`` for the torus, ``(num_nodes, accelerators_per_node)``
         for hierarchical, None otherwise.
@@ -83,10 +93,13 @@ class AllReduceCost:
       latency_s: float, the alpha part, seconds (over all packs).
       bandwidth_s: float, the beta part, seconds.
       reduction_s: float, the gamma part, seconds.
-      inter_algorithm: str or None, the across-node algorithm of ``"hierarchical"``.
+      inter_algorithm: str or None, the across-node algorithm of ``"hierarchical"``
+        (``"flat"``, i.e. a ring, or ``"halving_doubling"``).
       num_launches: int, collective calls per pack (1 for ring and halving-doubling, up
         to 3 for torus and hierarchical).
       launch_s: float, the delta part, seconds (``num_packs * num_launches * delta``).
+      phases: tuple of str, the schedule's phases (`Phase.describe`), the same objects
+        the backends run.
     """
 
     algorithm: str
@@ -102,6 +115,7 @@ class AllReduceCost:
     inter_algorithm: object = None
     num_launches: int = 0
     launch_s: float = 0.0
+    phases: tuple = ()
 
     @property
     def total_s(self):
@@ -115,6 +129,8 @@ class AllReduceCost:
             return f"torus {self.grid_shape[0]}x{self.grid_shape[1]}"
         if self.algorithm == "hierarchical":
             return f"hierarchical {self.grid_shape[0]}x{self.grid_shape[1]} ({self.inter_algorithm})"
+        if self.algorithm == "flat":
+            return "flat (ring)"
         return self.algorithm
 
 
@@ -180,7 +196,7 @@ def grid_shapes(num_workers):
     return [(r, num_workers // r) for r in range(1, num_workers + 1) if num_workers % r == 0]
 
 
-# --- step machinery -------------------------------------------------------------------
+# --- costing a schedule ------------------------------------------------------------------
 
 
 def _step_link(cluster, edges):
@@ -213,85 +229,98 @@ def _ring_edges(groups):
     return [(g[i], g[(i + 1) % len(g)]) for g in groups if len(g) > 1 for i in range(len(g))]
 
 
-class _Tally:
-    """Accumulates steps: ``count`` steps of ``chunk`` bytes over a link."""
+def phase_steps(phase, held_bytes):
+    """Returns the ring steps of one phase: a list of ``(count, chunk_bytes, reduce)``.
 
-    def __init__(self, gamma, launch_overhead=0.0):
-        self.gamma = gamma
-        self.launch_overhead = launch_overhead
-        self.launches = 0
-        self.steps = 0
-        self.latency = self.bandwidth = self.reduction = self.sent = 0.0
+    `held_bytes` is what each member holds when the phase starts (``n`` times the
+    schedule's shard fraction); ``p`` is the group size:
 
-    def add(self, count, chunk, link, reduce):
-        if count <= 0:
-            return
-        alpha, beta = link
-        self.steps += count
-        self.latency += count * alpha
-        self.bandwidth += count * chunk * beta
-        self.sent += count * chunk
-        if reduce:
-            self.reduction += count * chunk * self.gamma
+    * ``reduce_scatter``: ``p - 1`` steps of ``held/p`` with an addition;
+    * ``all_reduce``: that, then ``p - 1`` steps of ``held/p`` (the all-gather);
+    * ``all_gather``: ``p - 1`` steps of ``held`` (each member holds one shard);
+    * ``reduce`` and ``broadcast``: priced as an ``all_reduce``, which is how the
+      multi-process backend runs them.
+    """
+    p = phase.group_size
+    if phase.kind == algorithms.REDUCE_SCATTER:
+        return [(p - 1, held_bytes / p, True)]
+    if phase.kind == algorithms.ALL_GATHER:
+        return [(p - 1, held_bytes, False)]
+    return [(p - 1, held_bytes / p, True), (p - 1, held_bytes / p, False)]
 
-    def ring_allreduce(self, cluster, groups, n):
-        """Reduce-scatter then all-gather on concurrent rings of equal size p, n bytes each."""
-        p = len(groups[0])
-        if p < 2:
-            return
-        self.launches += 1
-        link = _step_link(cluster, _ring_edges(groups))
-        self.add(p - 1, n / p, link, reduce=True)  # reduce-scatter
-        self.add(p - 1, n / p, link, reduce=False)  # all-gather
 
-    def halving_doubling_allreduce(self, cluster, groups, n):
-        """Rabenseifner's reduce-scatter (recursive halving) + all-gather (doubling).
+def schedule_cost(schedule, cluster, num_bytes, *, value_bytes=4, compression=None, num_packs=1,
+                  small_pack_bytes=None, label=None):
+    """Predicts the all-reduce that `schedule` describes, phase by phase, on `cluster`.
 
-        Each group (a list of ranks) runs its own copy; member i of a group is "virtual
-        rank" i. Non-power-of-two sizes fold the extra members in first and out last.
-        """
-        p = len(groups[0])
-        if p < 2:
-            return
-        self.launches += 1
-        p2 = 1 << (p.bit_length() - 1)
-        extra = p - p2
-        if extra:
-            fold = [(g[p2 + i], g[i]) for g in groups for i in range(extra)]
-            self.add(1, n, _step_link(cluster, fold), reduce=True)
-        distances = [1 << j for j in range(p2.bit_length() - 1)]
-        links = [
-            _step_link(cluster, [(g[i], g[i ^ d]) for g in groups for i in range(p2)])
-            for d in distances
-        ]
-        chunk = n
-        for link in links:  # recursive halving, nearest partners first
-            chunk /= 2
-            self.add(1, chunk, link, reduce=True)
-        for link in reversed(links):  # recursive doubling
-            self.add(1, chunk, link, reduce=False)
-            chunk *= 2
-        if extra:
-            unfold = [(g[i], g[p2 + i]) for g in groups for i in range(extra)]
-            self.add(1, n, _step_link(cluster, unfold), reduce=False)
+    Each phase is one collective call per pack (``delta``) made of synchronous ring
+    steps (`phase_steps`) over its groups; a step costs ``alpha + chunk * beta (+ chunk *
+    gamma)`` with the alpha and beta of the links its edges cross (`_step_link`: the
+    slowest edge, and the inter-node beta times the flows that share a node's card). The
+    schedule object is the one the backends run, so the model prices exactly the
+    algorithm that runs.
 
-    def result(self, algorithm, cluster, grid_shape, n_wire, packs, inter_algorithm=None):
-        steps = self.steps
-        return AllReduceCost(
-            algorithm=algorithm,
-            num_workers=cluster.num_accelerators,
-            grid_shape=grid_shape,
-            num_steps=steps,
-            num_packs=packs,
-            wire_bytes=n_wire,
-            bytes_sent_per_worker=self.sent,
-            latency_s=self.latency * packs,
-            bandwidth_s=self.bandwidth,
-            reduction_s=self.reduction,
-            inter_algorithm=inter_algorithm,
-            num_launches=self.launches,
-            launch_s=self.launches * packs * self.launch_overhead,
+    Args:
+      schedule: a `tfscale.distribute.algorithms.Schedule` for
+        ``cluster.num_accelerators`` ranks (node-major: rank ``r`` on node
+        ``r // accelerators_per_node``).
+      cluster: `Cluster`.
+      num_bytes: number >= 0, bytes of the buffer on each rank in its own dtype.
+      value_bytes: int, 4 (float32) or 2 (float16/bfloat16) bytes per value. Default 4.
+      compression: None, ``"float16"``/``"fp16"`` or ``"bfloat16"``/``"bf16"``: wire dtype.
+      num_packs: int >= 1, all-reduces the buffer is split into (see `num_packs`).
+      small_pack_bytes: None, or int >= 0: packs of fewer bytes run
+        `Schedule.for_small_messages` (as the multi-process backend does). Default None.
+      label: str or None, the `AllReduceCost.algorithm` (default: the schedule's).
+
+    Returns:
+      `AllReduceCost`.
+
+    Raises:
+      TypeError: if `cluster` is not a `Cluster`.
+      ValueError: if the schedule is for another rank count, and as `wire_bytes`.
+    """
+    n, packs = _prepare(cluster, num_bytes, value_bytes, compression, num_packs)
+    if schedule.num_ranks != cluster.num_accelerators:
+        raise ValueError(
+            f"The {schedule.algorithm!r} schedule is for {schedule.num_ranks} ranks, but the cluster has "
+            f"num_accelerators={cluster.num_accelerators}"
         )
+    if small_pack_bytes is not None and packs and num_bytes / packs < small_pack_bytes:
+        schedule = schedule.for_small_messages()
+    gamma = cluster.gamma_s_per_byte
+    steps = 0
+    latency = bandwidth = reduction = sent = 0.0
+    for phase, share in zip(schedule.phases, schedule.shard_fractions):
+        link = _step_link(cluster, _ring_edges(phase.groups))
+        for count, chunk, reduces in phase_steps(phase, n * float(share)):
+            alpha, beta = link
+            steps += count
+            latency += count * alpha
+            bandwidth += count * chunk * beta
+            sent += count * chunk
+            if reduces:
+                reduction += count * chunk * gamma
+    launches = len(schedule.phases)
+    grid = schedule.param("grid_shape")
+    if schedule.algorithm == "hierarchical":
+        grid = (cluster.num_accelerators // schedule.param("devices_per_node"), schedule.param("devices_per_node"))
+    return AllReduceCost(
+        algorithm=label or schedule.algorithm,
+        num_workers=cluster.num_accelerators,
+        grid_shape=grid,
+        num_steps=steps,
+        num_packs=packs,
+        wire_bytes=n,
+        bytes_sent_per_worker=sent,
+        latency_s=latency * packs,
+        bandwidth_s=bandwidth,
+        reduction_s=reduction,
+        inter_algorithm=schedule.param("inter_node"),
+        num_launches=launches,
+        launch_s=launches * packs * cluster.launch_overhead_s,
+        phases=tuple(p.describe() for p in schedule.phases),
+    )
 
 
 def _prepare(cluster, num_bytes, value_bytes, compression, packs):
@@ -304,16 +333,59 @@ def _prepare(cluster, num_bytes, value_bytes, compression, packs):
     return n_wire, packs
 
 
-def ring_allreduce_cost(cluster, num_bytes, *, value_bytes=4, compression=None, num_packs=1):
-    """Predicts a flat ring all-reduce: reduce-scatter then all-gather around all N ranks.
+def allreduce_cost(algorithm, cluster, num_bytes, *, grid_shape=None, value_bytes=4, compression=None,
+                   num_packs=1, small_pack_bytes=None, **params):
+    """Predicts the registered all-reduce `algorithm` by name (any name of the registry).
 
-    Formula (uniform link; Thakur, Rabenseifner, Gropp 2005, §4; Patarasuk and Yuan 2009
-    prove the beta term optimal)::
+    Builds the algorithm's schedule for ``cluster.num_accelerators`` ranks
+    (`tfscale.distribute.algorithms.build_schedule`; ``hierarchical`` gets
+    ``devices_per_node = cluster.accelerators_per_node``) and prices it with
+    `schedule_cost`.
+
+    Args:
+      algorithm: str, a registered name or alias (``"flat"``/``"ring"``, ``"torus"``,
+        ``"hierarchical"``, ``"halving_doubling"``, or a user's).
+      cluster: `Cluster`.
+      num_bytes: number >= 0, bytes per worker in the buffer's own dtype.
+      grid_shape: ``(rows, cols)`` or ``"RxC"`` for ``"torus"`` (None: most square).
+      value_bytes, compression, num_packs, small_pack_bytes: as `schedule_cost`.
+      **params: further topology parameters of the algorithm (e.g. ``inter_node`` or,
+        for compatibility, ``inter_algorithm="ring"|"halving_doubling"`` for
+        hierarchical).
+
+    Returns:
+      `AllReduceCost`.
+
+    Raises:
+      ValueError: for an unknown algorithm (the message lists the valid names), a
+        parameter the algorithm does not take, and as `schedule_cost`.
+    """
+    if not isinstance(cluster, cluster_lib.Cluster):
+        raise TypeError(f"Argument `cluster` must be a tfscale.planning.Cluster. Received: cluster={cluster!r}")
+    name = algorithms.canonical_name(algorithm)
+    if "inter_algorithm" in params:
+        inter = params.pop("inter_algorithm")
+        if inter not in _INTER_ALGORITHMS:
+            raise ValueError(
+                f"Unknown inter_algorithm {inter!r}; expected one of {list(_INTER_ALGORITHMS)}"
+            )
+        params["inter_node"] = "flat" if inter == "ring" else inter
+    if name == "hierarchical":
+        params.setdefault("devices_per_node", cluster.accelerators_per_node)
+    schedule = algorithms.build_schedule(name, cluster.num_accelerators, grid_shape=grid_shape, **params)
+    return schedule_cost(schedule, cluster, num_bytes, value_bytes=value_bytes, compression=compression,
+                         num_packs=num_packs, small_pack_bytes=small_pack_bytes)
+
+
+def ring_allreduce_cost(cluster, num_bytes, *, value_bytes=4, compression=None, num_packs=1):
+    """Predicts the flat all-reduce (alias ring): one all-reduce over all N ranks.
+
+    Formula (uniform link; Thakur, Rabenseifner, Gropp 2005, section 4; Patarasuk and Yuan
+    2009 prove the beta term optimal)::
 
         T = P * (2(N-1) * alpha + delta) + 2(N-1)/N * n * beta + (N-1)/N * n * gamma
 
-    with ``n`` the wire bytes, ``P`` the packs and ``delta`` the launch overhead. On a `Cluster`, alpha and beta are those
-    of the slowest hop (node-major ranks: one message leaves each node per step).
+    with ``n`` the wire bytes, ``P`` the packs and ``delta`` the launch overhead.
 
     Args:
       cluster: `Cluster`, N = ``cluster.num_accelerators``.
@@ -329,29 +401,8 @@ def ring_allreduce_cost(cluster, num_bytes, *, value_bytes=4, compression=None, 
       TypeError: if `cluster` is not a `Cluster`.
       ValueError: for a negative size, an unknown compression or `num_packs` < 1.
     """
-    n, packs = _prepare(cluster, num_bytes, value_bytes, compression, num_packs)
-    tally = _Tally(cluster.gamma_s_per_byte, cluster.launch_overhead_s)
-    tally.ring_allreduce(cluster, [list(range(cluster.num_accelerators))], n)
-    return tally.result("ring", cluster, None, n, packs)
-
-
-def _check_grid(grid_shape, num_workers):
-    try:
-        rows, cols = grid_shape
-        rows = cluster_lib._check_int("grid_shape[0]", rows, 1)
-        cols = cluster_lib._check_int("grid_shape[1]", cols, 1)
-    except (TypeError, ValueError) as e:
-        raise ValueError(
-            "Argument `grid_shape` must be a pair (rows, cols) of ints >= 1. "
-            f"Received: grid_shape={grid_shape!r} ({e})"
-        ) from None
-    if rows * cols != num_workers:
-        raise ValueError(
-            f"Argument `grid_shape`={grid_shape!r} has {rows}x{cols}={rows * cols} workers, but "
-            f"the cluster has num_accelerators={num_workers}. Expected rows * cols == "
-            "num_accelerators."
-        )
-    return rows, cols
+    return allreduce_cost("flat", cluster, num_bytes, value_bytes=value_bytes, compression=compression,
+                          num_packs=num_packs)
 
 
 def torus_allreduce_cost(
@@ -359,9 +410,8 @@ def torus_allreduce_cost(
 ):
     """Predicts the 2D-torus all-reduce of Mikami et al. (arXiv:1811.05233) and Ying et al.
 
-    (arXiv:1811.06992) on a row-major ``rows x cols`` grid (rank ``r`` at row
-    ``r // cols``, column ``r % cols``; rows are contiguous ranks, as in
-    `tfscale.distribute.topology.Grid`):
+    (arXiv:1811.06992) on a row-major ``rows x cols`` grid (its schedule:
+    `tfscale.distribute.algorithms.torus`):
 
     1. reduce-scatter along each row (a ring of `cols`): ``cols-1`` steps of ``n/cols``;
     2. all-reduce each ``n/cols`` shard along each column (a ring of `rows`):
@@ -373,7 +423,7 @@ def torus_allreduce_cost(
         T = P * ((2(cols-1) + 2(rows-1)) * alpha + 3 * delta)
             + 2(N-1)/N * n * beta + (N-1)/N * n * gamma
 
-    the ring's bytes in fewer steps; a ``1 x N`` or ``N x 1`` grid is exactly the ring.
+    the ring's bytes in fewer steps; a ``1 x N`` grid has 2 phases, ``N x 1`` one.
 
     Args:
       cluster: `Cluster`.
@@ -388,20 +438,14 @@ def torus_allreduce_cost(
       ValueError: if `grid_shape` is not a pair of ints >= 1 whose product is N, and as
         `ring_allreduce_cost`.
     """
-    n, packs = _prepare(cluster, num_bytes, value_bytes, compression, num_packs)
-    rows, cols = _check_grid(grid_shape, cluster.num_accelerators)
-    row_groups = [list(range(r * cols, (r + 1) * cols)) for r in range(rows)]
-    col_groups = [list(range(c, rows * cols, cols)) for c in range(cols)]
-    tally = _Tally(cluster.gamma_s_per_byte, cluster.launch_overhead_s)
-    if cols > 1:
-        row_link = _step_link(cluster, _ring_edges(row_groups))
-        tally.add(cols - 1, n / cols, row_link, reduce=True)
-        tally.launches += 1
-    tally.ring_allreduce(cluster, col_groups, n / cols)
-    if cols > 1:
-        tally.add(cols - 1, n / cols, row_link, reduce=False)
-        tally.launches += 1
-    return tally.result("torus", cluster, (rows, cols), n, packs)
+    return allreduce_cost("torus", cluster, num_bytes, grid_shape=_check_grid(grid_shape, cluster),
+                          value_bytes=value_bytes, compression=compression, num_packs=num_packs)
+
+
+def _check_grid(grid_shape, cluster):
+    if grid_shape is None:
+        raise ValueError("Argument `grid_shape` is required for algorithm='torus'. Received: None")
+    return grid_shape
 
 
 def halving_doubling_allreduce_cost(
@@ -409,22 +453,21 @@ def halving_doubling_allreduce_cost(
 ):
     """Predicts Rabenseifner's recursive halving-doubling all-reduce.
 
-    Reduce-scatter by recursive halving (exchange half the vector with the partner at
+    Reduce-scatter by recursive halving (exchange half the piece with the partner at
     distance 1, 2, 4, ...), then all-gather by recursive doubling (Thakur, Rabenseifner,
-    Gropp 2005, §4.4). For N a power of two, on a uniform link::
+    Gropp 2005, section 4.4; schedule: `tfscale.distribute.algorithms.halving_doubling`).
+    For N a power of two, on a uniform link::
 
-        T = P * (2 log2(N) * alpha + delta) + 2(N-1)/N * n * beta + (N-1)/N * n * gamma
+        T = P * 2 log2(N) * (alpha + delta) + 2(N-1)/N * n * beta + (N-1)/N * n * gamma
 
-    Otherwise the ``r = N - 2^floor(log2 N)`` extra ranks first send their whole buffer to
-    a partner (``alpha + n*beta + n*gamma``) and get the result back at the end
-    (``alpha + n*beta``): ``2 floor(log2 N) + 2`` steps.
+    (one collective call per phase). Otherwise the ``r = N - 2^floor(log2 N)`` extra
+    ranks first reduce their buffer onto a partner and get the result back by broadcast
+    at the end, each priced as a pairwise all-reduce (``2 (alpha + n/2 beta)``).
 
     Args, Returns, Raises: as `ring_allreduce_cost`.
     """
-    n, packs = _prepare(cluster, num_bytes, value_bytes, compression, num_packs)
-    tally = _Tally(cluster.gamma_s_per_byte, cluster.launch_overhead_s)
-    tally.halving_doubling_allreduce(cluster, [list(range(cluster.num_accelerators))], n)
-    return tally.result("halving_doubling", cluster, None, n, packs)
+    return allreduce_cost("halving_doubling", cluster, num_bytes, value_bytes=value_bytes,
+                          compression=compression, num_packs=num_packs)
 
 
 _INTER_ALGORITHMS = ("ring", "halving_doubling")
@@ -441,7 +484,8 @@ def hierarchical_allreduce_cost(
 ):
     """Predicts the hierarchical all-reduce (Jia et al., arXiv:1807.11205; ChainerMN; Horovod).
 
-    With ``k = accelerators_per_node`` and ``M`` nodes:
+    With ``k = accelerators_per_node`` and ``M`` nodes (schedule:
+    `tfscale.distribute.algorithms.hierarchical`):
 
     1. reduce-scatter inside each node (a ring of k over `intra_node`): ``k-1`` steps of
        ``n/k``;
@@ -456,7 +500,7 @@ def hierarchical_allreduce_cost(
     Args:
       cluster: `Cluster`.
       num_bytes: number >= 0, bytes of the buffer on each worker in its own dtype.
-      inter_algorithm: ``"ring"`` (default) or ``"halving_doubling"``.
+      inter_algorithm: ``"ring"`` (default; the flat all-reduce) or ``"halving_doubling"``.
       value_bytes, compression, num_packs: as `ring_allreduce_cost`.
 
     Returns:
@@ -465,66 +509,31 @@ def hierarchical_allreduce_cost(
     Raises:
       ValueError: for an unknown `inter_algorithm`, and as `ring_allreduce_cost`.
     """
-    if inter_algorithm not in _INTER_ALGORITHMS:
-        raise ValueError(
-            f"Unknown inter_algorithm {inter_algorithm!r}; expected one of {list(_INTER_ALGORITHMS)}"
-        )
-    n, packs = _prepare(cluster, num_bytes, value_bytes, compression, num_packs)
-    k, m = cluster.accelerators_per_node, cluster.num_nodes
-    nodes = [list(range(i * k, (i + 1) * k)) for i in range(m)]
-    peers = [list(range(j, m * k, k)) for j in range(k)]
-    tally = _Tally(cluster.gamma_s_per_byte, cluster.launch_overhead_s)
-    if k > 1:
-        intra_link = _step_link(cluster, _ring_edges(nodes))
-        tally.add(k - 1, n / k, intra_link, reduce=True)
-        tally.launches += 1
-    if inter_algorithm == "ring":
-        tally.ring_allreduce(cluster, peers, n / k)
-    else:
-        tally.halving_doubling_allreduce(cluster, peers, n / k)
-    if k > 1:
-        tally.add(k - 1, n / k, intra_link, reduce=False)
-        tally.launches += 1
-    return tally.result("hierarchical", cluster, (m, k), n, packs, inter_algorithm)
+    return allreduce_cost("hierarchical", cluster, num_bytes, inter_algorithm=inter_algorithm,
+                          value_bytes=value_bytes, compression=compression, num_packs=num_packs)
 
 
-ALGORITHMS = {
-    "ring": ring_allreduce_cost,
-    "torus": torus_allreduce_cost,
-    "hierarchical": hierarchical_allreduce_cost,
-    "halving_doubling": halving_doubling_allreduce_cost,
-}
-"""dict: algorithm name -> cost function."""
+class _Algorithms(collections.abc.Mapping):
+    """Read-only view of the registry: name -> cost function ``f(cluster, num_bytes, **kw)``."""
+
+    def __getitem__(self, name):
+        if name not in self:
+            raise KeyError(name)
+        return functools.partial(allreduce_cost, name)
+
+    def __iter__(self):
+        return iter(algorithms.algorithm_names())
+
+    def __len__(self):
+        return len(algorithms.algorithm_names())
+
+    def __contains__(self, name):
+        try:
+            algorithms.canonical_name(name)
+        except ValueError:
+            return False
+        return True
 
 
-def allreduce_cost(algorithm, cluster, num_bytes, *, grid_shape=None, **kwargs):
-    """Predicts the all-reduce `algorithm` (a key of `ALGORITHMS`) by name.
-
-    Args:
-      algorithm: str, ``"ring"``, ``"torus"``, ``"hierarchical"`` or
-        ``"halving_doubling"``.
-      cluster: `Cluster`.
-      num_bytes: number >= 0, bytes per worker in the buffer's own dtype.
-      grid_shape: ``(rows, cols)`` for ``"torus"`` (required there, refused elsewhere).
-      **kwargs: passed to the cost function (`value_bytes`, `compression`, `num_packs`,
-        `inter_algorithm` for hierarchical).
-
-    Returns:
-      `AllReduceCost`.
-
-    Raises:
-      ValueError: for an unknown algorithm (the message lists the valid names), a missing
-        or unexpected `grid_shape`, and as the cost function.
-    """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"Unknown all_reduce_alg {algorithm!r}; expected one of {sorted(ALGORITHMS)}")
-    if algorithm == "torus":
-        if grid_shape is None:
-            raise ValueError("Argument `grid_shape` is required for algorithm='torus'. Received: None")
-        return torus_allreduce_cost(cluster, num_bytes, grid_shape, **kwargs)
-    if grid_shape is not None:
-        raise ValueError(
-            f"Argument `grid_shape` only applies to algorithm='torus'. Received: "
-            f"grid_shape={grid_shape!r} with algorithm={algorithm!r}"
-        )
-    return ALGORITHMS[algorithm](cluster, num_bytes, **kwargs)
+ALGORITHMS = _Algorithms()
+"""Mapping: every registered algorithm name (aliases accepted) -> its cost function."""

@@ -16,6 +16,7 @@ what a real run reaches unless `overlap` is set.
 
 import dataclasses
 
+from tfscale.distribute import algorithms as algorithms_lib
 from tfscale.planning import cluster as cluster_lib
 from tfscale.planning import cost_model
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 # Preference among equally fast candidates: the simplest first.
-_SIMPLICITY = {"ring": 0, "halving_doubling": 1, "hierarchical": 2, "torus": 3}
+_SIMPLICITY = {"flat": 0, "halving_doubling": 1, "hierarchical": 2, "torus": 3}  # others (registered): 4
 
 
 def scaling_efficiency(compute_s, allreduce_s, overlap=0.0):
@@ -90,27 +91,29 @@ class PlanRow:
         }
 
 
-def _candidates(cluster, algorithms):
-    """Yields ``(algorithm, kwargs)`` pairs; skips duplicates of the ring."""
+def _candidates(cluster, names):
+    """Yields ``(algorithm, kwargs)`` pairs for `allreduce_cost`, one per topology variant.
+
+    The names are the registry's (`tfscale.distribute.algorithms`; aliases such as
+    ``ring`` resolved); the torus gets every grid with both sides >= 2, hierarchical both
+    inter-node algorithms, and an algorithm registered by the user its defaults.
+    """
     n, k = cluster.num_accelerators, cluster.accelerators_per_node
-    for algorithm in algorithms:
-        if algorithm == "ring":
-            yield "ring", {}
-        elif algorithm == "halving_doubling":
+    for name in names:
+        name = algorithms_lib.canonical_name(name)
+        if name == "halving_doubling":
             if n > 1:
-                yield "halving_doubling", {}
-        elif algorithm == "hierarchical":
+                yield name, {}
+        elif name == "hierarchical":
             if k > 1 and cluster.num_nodes > 1:
-                yield "hierarchical", {"inter_algorithm": "ring"}
-                yield "hierarchical", {"inter_algorithm": "halving_doubling"}
-        elif algorithm == "torus":
+                yield name, {"inter_algorithm": "ring"}
+                yield name, {"inter_algorithm": "halving_doubling"}
+        elif name == "torus":
             for rows, cols in cost_model.grid_shapes(n):
                 if rows > 1 and cols > 1:
-                    yield "torus", {"grid_shape": (rows, cols)}
+                    yield name, {"grid_shape": (rows, cols)}
         else:
-            raise ValueError(
-                f"Unknown all_reduce_alg {algorithm!r}; expected one of {sorted(cost_model.ALGORITHMS)}"
-            )
+            yield name, {}
 
 
 def plan(
@@ -120,7 +123,7 @@ def plan(
     compression=None,
     bytes_per_pack=None,
     fuse=True,
-    algorithms=("ring", "halving_doubling", "hierarchical", "torus"),
+    algorithms=("flat", "halving_doubling", "hierarchical", "torus"),
 ):
     """Costs every candidate all-reduce for one training step; fastest first.
 
@@ -173,7 +176,7 @@ def plan(
                 images_per_second=cluster.num_accelerators * workload.per_accelerator_batch / step,
             )
         )
-    rows.sort(key=lambda r: (round(r.step_s, 12), _SIMPLICITY[r.cost.algorithm], r.cost.num_steps))
+    rows.sort(key=lambda r: (round(r.step_s, 12), _SIMPLICITY.get(r.cost.algorithm, 4), r.cost.num_steps))
     return rows
 
 
