@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 from tfscale.distribute import collective
 
 

@@ -32,14 +32,14 @@ so member j of every group is the j-th rank listed. This holds on CPUs and for o
 per worker; on a worker with several GPUs TF may order its GPUs by interconnect (sums stay
 correct only if every worker has the same GPU topology, which MWMS assumes anyway).
 
-All non-public TF API used here is in `tfscale.distribute._tf_compat`.
+All non-public TF API used here is in `tfscale._tf_compat`.
 """
 
 import importlib
 
 import tensorflow as tf
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 from tfscale.distribute import algorithms
 from tfscale.distribute import packing
 from tfscale.distribute import topology

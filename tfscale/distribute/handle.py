@@ -89,6 +89,6 @@ def get_cross_device_ops(strategy):
     Returns:
       The `tf.distribute.CrossDeviceOps`, or None.
     """
-    from tfscale.distribute import _tf_compat  # noqa: PLC0415 (keeps this module TF-free to import)
+    from tfscale import _tf_compat  # noqa: PLC0415 (keeps this module TF-free to import)
 
     return _tf_compat.cross_device_ops(strategy)

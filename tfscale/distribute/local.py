@@ -23,7 +23,7 @@ halving-doubling on ``2^k`` ranks rounds ``k + 1`` times.
 
 import tensorflow as tf
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 from tfscale.distribute import algorithms
 from tfscale.distribute import packing
 from tfscale.distribute import primitives

@@ -11,7 +11,7 @@ import os
 
 import tensorflow as tf
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 from tfscale.distribute import algorithms
 from tfscale.distribute import cluster as cluster_lib
 from tfscale.distribute import handle as handle_lib

@@ -19,7 +19,7 @@ import logging
 
 import tensorflow as tf
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 from tfscale.distribute import algorithms
 from tfscale.distribute import handle as handle_lib
 from tfscale.distribute import local

@@ -14,7 +14,7 @@ one host (about 4 steps/s per worker, 300 s) ran out of threads in its second ep
 does: it is a Keras callback that notes the time of every batch, epoch and evaluation
 event while ``fit``, ``evaluate`` or ``predict`` runs, and when no event has come for
 `timeout_seconds` it aborts every collective of the process
-(``context.abort_collective_ops``, through `tfscale.distribute._tf_compat`). The stuck
+(``context.abort_collective_ops``, through `tfscale._tf_compat`). The stuck
 step then fails with ``DeadlineExceededError`` carrying the watchdog's message, which
 `tfscale.distribute.explain_worker_failures` turns into a `WorkerFailureError`. Like any
 failed collective, the abort poisons the process: restart the workers (with
@@ -27,7 +27,7 @@ import time
 
 import keras
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 
 __all__ = ["CollectiveWatchdog"]
 
@@ -53,7 +53,7 @@ class CollectiveWatchdog(keras.callbacks.Callback):
       poll_seconds: float > 0 or None, how often the thread looks; default
         ``min(1, timeout_seconds / 10)`` seconds.
       abort_fn: callable ``(message: str) -> None`` that aborts the collectives; default
-        `tfscale.distribute._tf_compat.abort_collective_ops` with
+        `tfscale._tf_compat.abort_collective_ops` with
         ``DEADLINE_EXCEEDED``. Tests pass their own.
 
     Attributes:

@@ -31,6 +31,8 @@ step 5 needs.
 import keras
 import tensorflow as tf
 
+from tfscale import _tf_compat
+
 _MOVING_AGGREGATION = "only_first_replica"
 
 
@@ -287,7 +289,7 @@ class DistributedBatchNormalization(keras.layers.BatchNormalization):
         self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self.axis: channels})
         reduction_axes = list(range(ndim))
         del reduction_axes[self.axis]
-        self._reduction_axes = reduction_axes
+        _tf_compat.set_batch_norm_reduction_axes(self, reduction_axes)
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):

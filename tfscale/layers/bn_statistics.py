@@ -37,6 +37,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfscale import _tf_compat
+
 from tfscale.layers.batch_norm import DistributedBatchNormalization
 from tfscale.layers.batch_norm import _check_group_size
 from tfscale.layers.batch_norm import _group_moments
@@ -57,7 +59,7 @@ def _batch_norm_layers(model):
     # it also finds BN layers held as attributes of custom layers.
     seen = set()
     layers = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in _tf_compat.flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in seen:
             seen.add(id(layer))
             layers.append(layer)
@@ -283,7 +285,7 @@ def recompute_batch_norm_statistics(model, dataset, num_batches):
         raise ValueError(
             f"Argument `num_batches` must be >= 1. Received: num_batches={num_batches}"
         )
-    if not hasattr(model, "_flatten_layers"):
+    if not _tf_compat.is_keras_layer(model):
         raise ValueError(
             "Argument `model` must be a Keras 3 model or layer. "
             f"Received: model of type {type(model).__name__}"
@@ -331,7 +333,7 @@ def recompute_batch_norm_statistics(model, dataset, num_batches):
     examples = 0
     batches = 0
     for layer in layers:
-        layer.__dict__["call"] = _gathering_call(layer, state)
+        _tf_compat.override_call(layer, _gathering_call(layer, state))
     try:
         iterator = iter(dataset)
         while batches < num_batches:
@@ -352,7 +354,7 @@ def recompute_batch_norm_statistics(model, dataset, num_batches):
             batches += 1
     finally:
         for layer in layers:
-            layer.__dict__.pop("call", None)
+            _tf_compat.restore_call(layer)
 
     if batches == 0:
         raise ValueError(

@@ -21,7 +21,7 @@ before) and changes three things:
 
 A crash between the two renames leaves the new weights with the old epoch number: the resumed run repeats one epoch.
 The Keras-private details (where the parent class keeps its file names, the model's resume epoch) go through
-`tfscale.distribute._tf_compat`.
+`tfscale._tf_compat`.
 """
 
 import json
@@ -32,7 +32,7 @@ import time
 
 import keras
 
-from tfscale.distribute import _tf_compat
+from tfscale import _tf_compat
 
 __all__ = ["SafeBackupAndRestore"]
 

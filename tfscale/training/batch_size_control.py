@@ -39,14 +39,13 @@ The model, its optimizer and its step counter carry over from phase to phase.
   only at the end of the last one.
 """
 
-import json
 import numbers
-import os
 import re
 import warnings
 
 import keras
 
+from tfscale import _tf_compat
 from tfscale.optimizers.schedules import epochs_from_steps, steps_before_epoch
 
 __all__ = ["BatchSizeSchedule", "fit_with_batch_schedule"]
@@ -346,11 +345,7 @@ def _backup_callbacks(callbacks):
 
 def _restored_epoch(backup):
     """The epoch a `BackupAndRestore` callback will resume at (0 when it has no backup)."""
-    path = os.path.join(backup.backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
+    return _tf_compat.backup_restored_epoch(backup)
 
 
 def fit_with_batch_schedule(
@@ -465,8 +460,7 @@ def fit_with_batch_schedule(
                 b.delete_checkpoint = flag and last_phase
             # `BackupAndRestore` sets this private attribute on restore and Keras never
             # clears it; a stale value would make a later phase start at the wrong epoch.
-            if hasattr(model, "_initial_epoch"):
-                model._initial_epoch = None
+            _tf_compat.set_resume_epoch(model, None)
             steps = schedule._steps(batch, num_train_examples, steps_per_epoch)
             history = model.fit(
                 make_train_dataset(batch),
@@ -490,8 +484,7 @@ def fit_with_batch_schedule(
     finally:
         for b, flag in zip(backups, delete_flags):
             b.delete_checkpoint = flag
-        if hasattr(model, "_initial_epoch"):
-            model._initial_epoch = None
+        _tf_compat.set_resume_epoch(model, None)
     return merged
 
 

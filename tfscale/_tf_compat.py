@@ -1,4 +1,4 @@
-"""Every use of non-public TensorFlow / Keras API in tfscale's multi-worker code.
+"""Every use of non-public TensorFlow / Keras API in tfscale, in one version-guarded module.
 
 tfscale's multi-worker all-reduce (`tfscale.distribute.collective`) runs inside
 `tf.distribute.MultiWorkerMirroredStrategy` (MWMS). Three things there have no public
@@ -49,10 +49,18 @@ API, so they live here, each guarded by the TF/Keras versions they were tested w
    clusters), ``CollectiveAllReduceExtended._initialize_local_devices`` is wrapped while
    the strategy is built.
 
+7. **Keras layer internals** for `tfscale.layers` (`set_batch_norm_reduction_axes`,
+   `flatten_layers`, `override_call`) and **BackupAndRestore internals** for
+   `tfscale.training` (`backup_file_paths`, `backup_restored_epoch`, `set_resume_epoch`).
+
+This module sits at the top of the package so that `tfscale.data`, `layers`, `optimizers`,
+`distribute` and `training` can all use it without importing each other.
+
 Set ``TFSCALE_ALLOW_UNTESTED_TF=1`` to try another version at your own risk.
 """
 
 import contextlib
+import json
 import functools
 import os
 import threading
@@ -531,3 +539,69 @@ def set_resume_epoch(model, epoch):
     place of its `initial_epoch` argument. 0 (or None) restores the argument's value.
     """
     model._initial_epoch = epoch or None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keras layer internals used by tfscale.layers (Keras 3.15).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def set_batch_norm_reduction_axes(layer, axes):
+    """Sets the axes a `keras.layers.BatchNormalization` subclass reduces over.
+
+    Keras's ``BatchNormalization.build`` stores them in the non-public ``_reduction_axes``, which its ``call``
+    reads; a subclass that overrides ``build`` (tfscale's `DistributedBatchNormalization`) must set it too.
+    """
+    layer._reduction_axes = list(axes)
+
+
+def is_keras_layer(obj):
+    """Whether `obj` is a Keras 3 layer or model (has the recursive walk `flatten_layers` uses)."""
+    return hasattr(obj, "_flatten_layers")
+
+
+def flatten_layers(model):
+    """Every layer inside `model`, itself included, recursively, in the order Keras tracks them.
+
+    Keras's own recursive walk (non-public ``_flatten_layers``, what ``model.weights`` uses); it also finds layers
+    held as attributes of custom layers, which ``model.layers`` does not.
+    """
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def override_call(layer, call):
+    """Replaces ``layer.call`` on this instance only (the class is untouched); undo with `restore_call`.
+
+    Keras 3.15 looks ``call`` up on the instance when a layer is called, so an entry in the instance's
+    ``__dict__`` takes effect for this layer alone, which is how BN statistics are gathered without a new model.
+    """
+    layer.__dict__["call"] = call
+
+
+def restore_call(layer):
+    """Undoes `override_call` (no-op if the call was not overridden)."""
+    layer.__dict__.pop("call", None)
+
+
+def backup_restored_epoch(callback):
+    """The epoch a `keras.callbacks.BackupAndRestore` will resume at (int, 0 when it has no backup).
+
+    Reads the callback's metadata file (``training_metadata.json``, Keras 3.15: ``{"epoch": E, "batch": B}``,
+    ``epoch`` the number of epochs done). tests/training/test_backup_format.py fails loudly if Keras changes it:
+    a silent change would resume a batch-size schedule in the wrong phase.
+
+    Raises:
+      ValueError: if the file exists but has no integer ``epoch``.
+    """
+    _, path = backup_file_paths(callback)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        meta = json.load(f)
+    epoch = meta.get("epoch") if isinstance(meta, dict) else None
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise ValueError(
+            f"Keras's BackupAndRestore metadata {path} has no integer 'epoch' (Keras {keras.__version__} changed its "
+            f"format?). Received: {meta!r}"
+        )
+    return epoch
