@@ -146,6 +146,16 @@ def _validate_positive_int(name, value):
         raise ValueError(f"Argument `{name}` must be an int > 0. Received: {name}={value!r}")
 
 
+def _element_seeds(seed):
+    """An endless dataset of random int64 scalars, one per record, re-drawn on every iteration (from `seed`)."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+
+def _stateless_seed(random):
+    """The int64 `[2]` stateless seed of one record from its random int64 scalar."""
+    return tf.stack([random, tf.constant(0, tf.int64)])
+
+
 def _parse_address(address):
     """Splits `grpc://host:port` (or `host:port`) into (protocol, "host:port")."""
     if not isinstance(address, str) or not address:
@@ -184,6 +194,7 @@ def imagenet_dataset(
     mean=preprocessing.IMAGENET_MEAN_RGB,
     stddev=preprocessing.IMAGENET_STDDEV_RGB,
     dtype="float32",
+    normalize=None,
     max_pixels=DEFAULT_MAX_PIXELS,
     skip_counter=None,
     repeat=None,
@@ -240,7 +251,12 @@ def imagenet_dataset(
       stddev: 3 floats > 0, per-channel RGB std on the [0, 1] scale. Default ImageNet (0.229, 0.224, 0.225).
         Output values are `(pixel / 255 - mean) / stddev`, about [-2.12, 2.64] with the defaults and [0, 1]
         with mean 0 and stddev 1.
-      dtype: image dtype, "float32" (default), "bfloat16" or "float16".
+      dtype: image dtype, "float32" (default), "bfloat16" or "float16"; with `normalize=False` also "uint8"
+        (the cheapest: 1 byte per value, rounded pixel levels).
+      normalize: bool; True: output `(pixel / 255 - mean) / stddev` as above; False: output the pixel values in
+        [0, 255] and leave the normalisation to the model (`tfscale.models.resnet_imagenet(...,
+        input_normalization="imagenet")`, on the accelerator, as the TPU reference does). Default: False for
+        `dtype="uint8"`, True otherwise (today's behaviour).
       max_pixels: int > 0, images with height * width above this are skipped (decompression bombs). Default
         89,478,485 (Pillow's limit).
       skip_counter: optional `SkippedRecordCounter` that counts skipped records (may be shared by several
@@ -250,8 +266,11 @@ def imagenet_dataset(
       drop_remainder: bool, drop the last partial batch; default `is_training`.
       shuffle_buffer_size: int > 0, training record shuffle buffer (records). Default 10,000.
       cache: None (default), "raw" (keep this pipeline's serialized records in host memory after the first
-        pass) or "decoded" (evaluation only: keep the preprocessed images, `image_size**2 * 3` values each,
-        in host memory; later passes skip decoding entirely).
+        pass) or "decoded". "decoded" for evaluation keeps the preprocessed images (`image_size**2 * 3` values
+        each) and later passes skip decoding entirely; for training it keeps every whole decoded image (uint8,
+        `height * width * 3` bytes each) after the first pass, and the random crop, resize and flip still run, with
+        new random draws, every epoch (for data sets that fit in host memory, e.g. Fashion-MNIST: 141 MB).
+        Bad records are counted in the first pass only. Not with `data_service_address` for training.
       cycle_length: int > 0, files read concurrently by the interleave (capped at this pipeline's file count).
         Default 16.
       read_buffer_bytes: int > 0, read buffer of each open file in bytes. Default 1 MiB; raise it (e.g. 8 MiB, the
@@ -309,10 +328,12 @@ def imagenet_dataset(
         )
     if cache not in (None, "raw", "decoded"):
         raise ValueError(f"Argument `cache` must be None, 'raw' or 'decoded'. Received: cache={cache!r}")
-    if cache == "decoded" and is_training:
+    train_cache = cache == "decoded" and is_training  # whole decoded images cached, random crops every epoch
+    if train_cache and data_service_address is not None:
         raise ValueError(
-            "Argument `cache='decoded'` is only for evaluation (is_training=False): it would freeze the random "
-            "training crops. Use cache='raw' for training. Received: cache='decoded', is_training=True"
+            "Argument `cache='decoded'` with is_training=True caches decoded images on this host and cannot be "
+            f"combined with the tf.data service. Received: cache='decoded', data_service_address="
+            f"{data_service_address!r}. Use cache='raw' or no cache."
         )
     if skip_counter is not None and not isinstance(skip_counter, SkippedRecordCounter):
         raise TypeError(
@@ -320,9 +341,16 @@ def imagenet_dataset(
         )
     area_range = preprocessing.validate_range("area_range", area_range, 0.0, 1.0)
     aspect_ratio_range = preprocessing.validate_range("aspect_ratio_range", aspect_ratio_range, 0.0, None)
-    out_dtype = preprocessing.output_dtype(dtype)
-    # Validate mean/stddev now (a clear error here rather than inside a tf.data function).
-    preprocessing.normalize_images(tf.zeros([1, 1, 3]), mean, stddev, dtype)
+    normalize = (dtype != "uint8" and dtype != tf.uint8) if normalize is None else bool(normalize)
+    if normalize:
+        out_dtype = preprocessing.output_dtype(dtype)
+        # Validate mean/stddev now (a clear error here rather than inside a tf.data function).
+        preprocessing.normalize_images(tf.zeros([1, 1, 3]), mean, stddev, dtype)
+    else:
+        out_dtype = preprocessing.pixel_dtype(dtype)
+    # Per-image work before the batch is done in `pixels` (float32 when normalising, else the output dtype, so the
+    # flip moves uint8); normalisation, when asked, is per image in the parallel map (cheaper than on the batch).
+    pixels = tf.float32 if normalize else out_dtype
     if data_service_address is not None:
         service = _parse_address(data_service_address)
     repeat = is_training if repeat is None else bool(repeat)
@@ -346,7 +374,7 @@ def imagenet_dataset(
             shard_records = True
 
     ds = tf.data.Dataset.from_tensor_slices(files)
-    if is_training and cache is None:
+    if is_training and cache != "raw":
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
 
     def read_file(filename):
@@ -371,21 +399,32 @@ def imagenet_dataset(
         ds = ds.cache()
     if repeat and cache != "decoded":
         ds = ds.repeat()
-    if is_training:
+    if is_training and not train_cache:
         ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+    # Training crops and flips use stateless random ops, one seed per record from `Dataset.random` (new draws on
+    # every iteration), so a seeded pipeline is reproducible whatever the parallelism (and with cache='decoded'
+    # the crops still change every epoch).
+    seeded = is_training and not train_cache
+    if train_cache:
+        blank_image = tf.zeros([1, 1, 3], tf.uint8)  # whole decoded images, cropped after the cache
+    else:
+        blank_image = tf.zeros([image_size, image_size, 3], out_dtype)
 
-    def decode(serialized):
+    def decode(serialized, element_seed=None):
         # Known problems give a reason code without a failing op (no error, no log line); only a usable record's
         # JPEG is decoded, and a decoder failure is dropped by ignore_errors() and counted from the numbering.
         image_bytes, label, reason = integrity.check_example(
             serialized, image_key, label_key, label_offset, num_classes, max_pixels, max_pixels_per_byte)
-        blank = tf.zeros([image_size, image_size, 3], out_dtype)
-        image = tf.cond(tf.equal(reason, integrity.OK), lambda: decode_image(image_bytes), lambda: blank)
+        image = tf.cond(tf.equal(reason, integrity.OK), lambda: decode_image(image_bytes, element_seed),
+                        lambda: blank_image)
         return image, label, reason
 
-    def decode_image(image_bytes):
+    def decode_image(image_bytes, element_seed):
+        if train_cache:
+            return tf.io.decode_jpeg(image_bytes, channels=3)  # cropped after the cache, every epoch anew
         if not is_training:
-            image = preprocessing.preprocess_for_eval(image_bytes, image_size, central_fraction, resize_method)
+            image = preprocessing.preprocess_for_eval(image_bytes, image_size, central_fraction, resize_method,
+                                                      dtype=pixels)
         elif train_crop == "inception":
             image = preprocessing.preprocess_for_train(
                 image_bytes,
@@ -397,11 +436,16 @@ def imagenet_dataset(
                 resize_method,
                 flip,
                 seed,
+                stateless_seed=element_seed,
+                dtype=pixels,
             )
         else:
             image = preprocessing.preprocess_small_image_for_train(
-                image_bytes, image_size, pad_pixels, resize_method, flip, seed
+                image_bytes, image_size, pad_pixels, resize_method, flip, seed, stateless_seed=element_seed,
+                dtype=pixels,
             )
+        if not normalize:
+            return image
         # Normalised per image, inside the parallel map (cheaper than on the batch; see normalize_images).
         return preprocessing.normalize_images(image, mean, stddev, out_dtype)
 
@@ -411,14 +455,16 @@ def imagenet_dataset(
     # record closes a finite stream so that failures at its very end are counted too (not with the data service,
     # whose workers split the files). Without a counter the records are numbered all the same, for the fail-fast
     # check (`integrity.FailFast`).
-    if not repeat and data_service_address is None:
+    if (not repeat or train_cache) and data_service_address is None:
         ds = ds.concatenate(tf.data.Dataset.from_tensors(tf.constant(_SENTINEL)))
-    blank = (tf.zeros([image_size, image_size, 3], out_dtype), tf.constant(-1, tf.int32),
-             tf.constant(integrity.OK))
+    blank = (blank_image, tf.constant(-1, tf.int32), tf.constant(integrity.OK))
+    if seeded:
+        ds = tf.data.Dataset.zip((ds, _element_seeds(seed)))
 
-    def decode_numbered(index, serialized):
+    def decode_numbered(index, element):
+        serialized, element_seed = (element[0], _stateless_seed(element[1])) if seeded else (element, None)
         is_sentinel = tf.equal(serialized, _SENTINEL)
-        image, label, reason = tf.cond(is_sentinel, lambda: blank, lambda: decode(serialized))
+        image, label, reason = tf.cond(is_sentinel, lambda: blank, lambda: decode(serialized, element_seed))
         return index, image, label, reason, is_sentinel
 
     def account(state, element):
@@ -463,9 +509,24 @@ def imagenet_dataset(
     if not count_on_client:
         ds = ds.map(lambda image, label, *_: (image, label))
     if cache == "decoded":
-        ds = ds.cache()  # preprocessed evaluation images; bad records are counted in the first pass only
+        # Evaluation: the preprocessed images. Training: the whole decoded images, cropped below. Bad records are
+        # counted in the first pass only.
+        ds = ds.cache()
         if repeat:
             ds = ds.repeat()
+    if train_cache:
+        ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+
+        def crop_cached(image_label, random):
+            image, label = image_label
+            image = preprocessing.preprocess_pixels_for_train(
+                image, image_size, train_crop, area_range, aspect_ratio_range, max_attempts, central_fraction,
+                pad_pixels, resize_method, flip, seed, stateless_seed=_stateless_seed(random), dtype=pixels,
+            )
+            return (preprocessing.normalize_images(image, mean, stddev, out_dtype) if normalize else image), label
+
+        ds = tf.data.Dataset.zip((ds, _element_seeds(seed)))
+        ds = ds.map(crop_cached, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=deterministic)
 
