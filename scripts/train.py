@@ -11,6 +11,14 @@ TFDS `imagenet2012` records):
   python scripts/train.py --dataset=imagenet --data_dir=/data/imagenet --model=resnet50 \
       --num_replicas=8 --global_batch_size=2048 --recipe=goyal --epochs=90
 
+and ImageNet as TFDS prepared it (shards, 0-based labels and class count from the builder's metadata):
+
+  python scripts/train.py --dataset=tfds:imagenet2012 --tfds_data_dir=~/tensorflow_datasets --model=resnet50
+
+The input pipeline delivers uint8 pixels and the model normalises them in its first layer, on the accelerator
+(`input_normalization`), so the saved `model.keras` predicts from raw images. `--cache` keeps the decoded images in
+host memory after the first epoch (random crops and flips still change every epoch).
+
 A killed run started again with the same `--model_dir` resumes from its last completed epoch (Keras
 `BackupAndRestore`). TensorBoard logs go to `<model_dir>/logs`.
 """
@@ -56,9 +64,16 @@ def define_flags():
     """Defines the command-line flags of the training script (call once, before parsing)."""
     before = set(FLAGS)
     # Data.
-    flags.DEFINE_enum("dataset", "fashion_mnist", sorted(_DATASET_DEFAULTS),
-                      "fashion_mnist: the embedded default (converted to TFRecords on first use); "
-                      "imagenet: ImageNet-format TFRecords train-* and validation-* in --data_dir.")
+    flags.DEFINE_string("dataset", "fashion_mnist",
+                        "fashion_mnist: the embedded default (converted to TFRecords on first use); "
+                        "imagenet: ImageNet-format TFRecords train-* and validation-* in --data_dir; "
+                        "tfds:<name>: a prepared TFDS image-classification data set with JPEG images (e.g. "
+                        "tfds:imagenet2012) in --tfds_data_dir, ImageNet defaults (224 px, resnet50).")
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory for --dataset=tfds:<name> (default: TFDS's, "
+                        "~/tensorflow_datasets or $TFDS_DATA_DIR).")
+    flags.DEFINE_bool("cache", False, "Keep the decoded images in host memory after the first epoch (uint8, "
+                      "height*width*3 bytes each: 141 MB for Fashion-MNIST); random crops and flips still change "
+                      "every epoch. For data sets that fit in memory.")
     flags.DEFINE_string("data_dir", None,
                         "Directory of the TFRecords. Required for --dataset=imagenet; for fashion_mnist it "
                         "defaults to data/fashion_mnist and the records are built there on first use.")
@@ -145,6 +160,20 @@ _RECIPE_FLAGS = ("optimizer", "lr_schedule", "base_lr", "warmup_epochs", "moment
                  "label_smoothing", "lars_eta", "batch_schedule")
 
 
+def dataset_kind(dataset) -> str:
+    """Returns "fashion_mnist", "imagenet" or "tfds" for a --dataset value.
+
+    Raises:
+        ValueError: for any other value, naming it and the valid forms.
+    """
+    if dataset in _DATASET_DEFAULTS:
+        return dataset
+    if isinstance(dataset, str) and dataset.startswith("tfds:") and len(dataset) > len("tfds:"):
+        return "tfds"
+    raise ValueError(f"Flag --dataset must be one of {sorted(_DATASET_DEFAULTS)} or tfds:<name> (e.g. "
+                     f"tfds:imagenet2012). Received: --dataset={dataset!r}")
+
+
 def resolve_config(flags_obj) -> dict:
     """Returns the run configuration: the flags, with a `--recipe`'s values where a flag was not given explicitly,
     and the per-data-set defaults filled in.
@@ -154,12 +183,14 @@ def resolve_config(flags_obj) -> dict:
     """
     config = {name: flags_obj[name].value for name in sorted(_OUR_FLAGS)}
     dataset = config["dataset"]
-    small = dataset == "fashion_mnist"
+    kind = dataset_kind(dataset)
+    small = kind == "fashion_mnist"
+    preset = _DATASET_DEFAULTS["imagenet" if kind == "tfds" else kind]  # TFDS sources get ImageNet's defaults
     defaults = {
-        "image_size": _DATASET_DEFAULTS[dataset]["image_size"],
-        "model": _DATASET_DEFAULTS[dataset]["model"],
-        "base_lr": _DATASET_DEFAULTS[dataset]["base_lr"],
-        "weight_decay": _DATASET_DEFAULTS[dataset]["weight_decay"],
+        "image_size": preset["image_size"],
+        "model": preset["model"],
+        "base_lr": preset["base_lr"],
+        "weight_decay": preset["weight_decay"],
         "train_crop": "pad_and_crop" if small else "inception",
         "pad_pixels": 0 if small else 4,
         "central_fraction": 1.0 if small else 224 / 256,
@@ -167,7 +198,7 @@ def resolve_config(flags_obj) -> dict:
     for key, value in defaults.items():
         if config[key] is None:
             config[key] = value
-    if config["data_dir"] is None:
+    if config["data_dir"] is None and kind != "tfds":
         if dataset == "imagenet":
             raise ValueError("Flag --data_dir is required with --dataset=imagenet (a directory of ImageNet-format "
                              "TFRecords named train-* and validation-*).")
@@ -211,6 +242,17 @@ def prepare_data(config) -> dict:
 
     from tfscale import data as tdata
 
+    if dataset_kind(config["dataset"]) == "tfds":
+        from tfscale.data import tfds_source
+
+        info = tfds_source.tfds_info(tfds_source.parse_tfds_name(config["dataset"]), config["tfds_data_dir"])
+        print(f"TFDS data set {info['name']}: splits {info['train_split']!r} and {info['eval_split']!r}")
+        if config["num_classes"]:
+            info["num_classes"] = config["num_classes"]
+        # The "file patterns" of a TFDS source are its split names, read by tfds_source.tfds_dataset.
+        info["train_file_pattern"], info["eval_file_pattern"] = info["train_split"], info["eval_split"]
+        info["read_records"] = functools.partial(_read_tfds, info["name"], info["data_dir"])
+        return info
     data_dir = config["data_dir"]
     if config["dataset"] == "fashion_mnist":
         info = tdata.fashion_mnist.prepare_records(data_dir, source_dir=config["fashion_mnist_source"])
@@ -237,6 +279,19 @@ def prepare_data(config) -> dict:
     meta = tdata.read_metadata(data_dir, "train") or {}
     info["num_classes"] = config["num_classes"] or meta.get("num_classes") or 1000
     return info
+
+
+def _read_tfds(name, data_dir, split, is_training, image_size, batch_size, input_context=None, label_offset=0,
+               **kwargs):
+    """`tfds_source.tfds_dataset` with `imagenet_dataset`'s call shape (TFDS labels are 0-based: no offset)."""
+    from tfscale.data import tfds_source
+
+    del label_offset
+    # The builder's supervised keys name the image and label features; ImageNet-record key settings do not apply.
+    kwargs.pop("image_key", None)
+    kwargs.pop("label_key", None)
+    return tfds_source.tfds_dataset(name, split, is_training, image_size, batch_size, input_context,
+                                    data_dir=data_dir, **kwargs)
 
 
 def norm_layer(config):
@@ -311,8 +366,10 @@ def run(flags_obj) -> dict:
         config["batch_schedule"] or f"0:{config['global_batch_size']}", num_replicas=num_replicas)
     skipped = tdata.SkippedRecordCounter()  # outside strategy.scope(): one host counter for all pipelines
 
+    read_records = data.get("read_records", tdata.imagenet_dataset)  # TFDS sources bring their own reader
+
     def dataset_fn(global_batch, is_training, ctx):
-        ds = tdata.imagenet_dataset(
+        ds = read_records(
             data["train_file_pattern"] if is_training else data["eval_file_pattern"],
             is_training=is_training,
             image_size=config["image_size"],
@@ -327,6 +384,9 @@ def run(flags_obj) -> dict:
             skip_counter=skipped,
             data_service_address=config["tf_data_service"],
             seed=config["seed"],
+            # uint8 pixels; the model normalises them on the accelerator (input_normalization below).
+            dtype="uint8",
+            cache="decoded" if config["cache"] else None,
         )
         # Keras's label smoothing works on one-hot targets.
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
@@ -343,7 +403,7 @@ def run(flags_obj) -> dict:
 
     with strategy.scope():
         model = models.build_model(config["model"], num_classes=num_classes, image_size=config["image_size"],
-                                   norm_layer=norm_layer(config))
+                                   norm_layer=norm_layer(config), input_normalization="imagenet")
         model.compile(
             optimizer=build_optimizer(config, batch_schedule, data["num_train_examples"]),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True,

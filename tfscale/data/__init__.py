@@ -14,7 +14,9 @@ from tfscale.data.preprocessing import IMAGENET_STDDEV_RGB
 from tfscale.data.preprocessing import normalize_images
 from tfscale.data.preprocessing import preprocess_for_eval
 from tfscale.data.preprocessing import preprocess_for_train
+from tfscale.data.preprocessing import preprocess_pixels_for_train
 from tfscale.data.preprocessing import preprocess_small_image_for_train
+from tfscale.data.preprocessing import to_pixels
 from tfscale.data.records import convert_arrays
 from tfscale.data.records import convert_image_folder
 from tfscale.data.records import count_records
@@ -23,6 +25,9 @@ from tfscale.data.records import read_metadata
 from tfscale.data.records import write_sharded_records
 from tfscale.data.service import LocalDataService
 from tfscale.data.service import start_worker
+from tfscale.data.tfds_source import convert_tfds
+from tfscale.data.tfds_source import tfds_dataset
+from tfscale.data.tfds_source import tfds_info
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -33,6 +38,7 @@ __all__ = [
     "SkippedRecordsLogger",
     "convert_arrays",
     "convert_image_folder",
+    "convert_tfds",
     "count_records",
     "fashion_mnist",
     "imagenet_dataset",
@@ -41,8 +47,12 @@ __all__ = [
     "pad_eval_batches",
     "preprocess_for_eval",
     "preprocess_for_train",
+    "preprocess_pixels_for_train",
     "preprocess_small_image_for_train",
     "read_metadata",
     "start_worker",
+    "tfds_dataset",
+    "tfds_info",
+    "to_pixels",
     "write_sharded_records",
 ]
