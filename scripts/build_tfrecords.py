@@ -1,12 +1,15 @@
 """Converts image data to sharded ImageNet-format TFRecords (TPU / Model Garden keys, 1-based labels).
 
-Two sources:
+Three sources:
 
 * `--source=fashion_mnist` (default): the gzipped IDX files of Debian's `dataset-fashion-mnist`
   (`--source_dir`, default `/usr/share/datasets/fashion-mnist`) -> `train-*` and `validation-*` shards;
 * `--source=imagenet`: an ImageNet folder, `<source_dir>/<train_subdir>/<synset>/*.JPEG` and
   `<source_dir>/<validation_subdir>/*.JPEG` with `--validation_labels_file` (one synset per line in sorted file
-  order, or `<filename> <synset>` lines); `--synset_texts_file` (`synset_words.txt`) adds class names.
+  order, or `<filename> <synset>` lines); `--synset_texts_file` (`synset_words.txt`) adds class names;
+* `--source=tfds:<name>`: a prepared TFDS image-classification data set in `--tfds_data_dir` (its training split ->
+  `train-*`, its validation or test split -> `validation-*`; JPEG bytes copied, other encodings re-encoded as JPEG,
+  labels stored 1-based, class names from the builder). Nothing is downloaded.
 
 Shards are written under temporary names and renamed when complete, with a progress bar; a
 `<split>.metadata.json` next to them records the counts and class names (`tfscale.data.count_records` reads it).
@@ -15,6 +18,8 @@ Example:
   python scripts/build_tfrecords.py --output_dir=/tmp/fmnist_records --num_shards=8
   python scripts/build_tfrecords.py --source=imagenet --source_dir=/data/imagenet --output_dir=/data/records \
       --validation_labels_file=/data/imagenet/val_labels.txt --num_shards=1024 --eval_num_shards=128
+  python scripts/build_tfrecords.py --source=tfds:imagenet2012 --tfds_data_dir=~/tensorflow_datasets \
+      --output_dir=/data/records --num_shards=1024 --eval_num_shards=128
 """
 
 import json
@@ -31,7 +36,11 @@ SOURCES = ("fashion_mnist", "imagenet")
 
 def define_flags():
     """Defines the command-line flags of this script."""
-    flags.DEFINE_enum("source", "fashion_mnist", list(SOURCES), "What to convert.")
+    flags.DEFINE_string("source", "fashion_mnist", "What to convert: fashion_mnist, imagenet or tfds:<name>.")
+    flags.DEFINE_string("tfds_data_dir", None, "tfds:<name>: the TFDS data directory (default: TFDS's).")
+    flags.DEFINE_string("tfds_train_split", "train", "tfds:<name>: the split converted to train-*.")
+    flags.DEFINE_string("tfds_eval_split", None, "tfds:<name>: the split converted to validation-* (default: "
+                        "validation, else test).")
     flags.DEFINE_string(
         "source_dir", None, "Source directory (default: /usr/share/datasets/fashion-mnist for fashion_mnist)."
     )
@@ -63,6 +72,21 @@ def run(flags_obj):
         raise ValueError("Flag `--output_dir` is required. Received: --output_dir=None")
     eval_shards = flags_obj.eval_num_shards or flags_obj.num_shards
     out = {"output_dir": flags_obj.output_dir}
+    if flags_obj.source.startswith("tfds:"):
+        from tfscale.data import tfds_source
+
+        name = tfds_source.parse_tfds_name(flags_obj.source)
+        info = tfds_source.tfds_info(name, flags_obj.tfds_data_dir, train_split=flags_obj.tfds_train_split,
+                                     eval_split=flags_obj.tfds_eval_split)
+        for split, output_split, shards in ((info["train_split"], "train", flags_obj.num_shards),
+                                            (info["eval_split"], "validation", eval_shards)):
+            out[output_split] = tfds_source.convert_tfds(name, flags_obj.output_dir, split, output_split, shards,
+                                                         data_dir=flags_obj.tfds_data_dir,
+                                                         progress=flags_obj.progress)
+        return out
+    if flags_obj.source not in SOURCES:
+        raise ValueError(f"Flag `--source` must be one of {list(SOURCES)} or tfds:<name>. Received: "
+                         f"--source={flags_obj.source!r}")
     if flags_obj.source == "fashion_mnist":
         info = fashion_mnist.prepare_records(
             flags_obj.output_dir,

@@ -93,7 +93,11 @@ def test_benchmark_input_smoke(tmp_path):
     result = bench.run(flags_obj)
     saved = json.load(open(tmp_path / "b.json"))
     assert set(saved["images_per_second_median"]) == {
-        "tfscale (counted skips)", "tfscale", "naive", "naive + tfscale normalisation", "decode_jpeg floor"}
+        "tfscale (counted skips)", "tfscale", "tfscale, float32 host-normalised", "naive",
+        "naive + tfscale normalisation", "decode_jpeg floor"}
+    assert saved["cpu_ms_per_image_median"]["tfscale"] == pytest.approx(
+        1000.0 / saved["images_per_cpu_second_median"]["tfscale"])
+    assert "CPU ms/image" in result["table"] and "load average" in result["table"]
     assert all(v > 0 for v in saved["images_per_second_median"].values())
     r = saved["images_per_second_median"]
     assert saved["ratios"]["tfscale/naive"] == pytest.approx(r["tfscale"] / r["naive"])
