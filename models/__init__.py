@@ -12,11 +12,13 @@ from tfscale.models.resnet import resnet20
 from tfscale.models.resnet import resnet50
 from tfscale.models.resnet import resnet_cifar
 from tfscale.models.resnet import resnet_imagenet
+from tfscale.models.shapes import gradient_shapes
 
 __all__ = [
     "MODELS",
     "build_model",
     "default_norm_layer",
+    "gradient_shapes",
     "input_normalization_layer",
     "resnet8",
     "resnet20",

@@ -22,8 +22,8 @@ competing for the cores than wall time. The per-replica gradients are `tf.Variab
 their devices once; each timed call reads them inside a `tf.function` (PerReplica values
 passed as function arguments would lose their placement) and returns every reduced tensor.
 
-Model shapes: ``resnet50`` is `keras.applications.ResNet50(weights=None)` (161 trainable
-tensors + BN, 25.6M float32); ``small`` is a 3-conv CNN with a dense head.
+Model shapes: ``resnet50`` is `tfscale.models.gradient_shapes("resnet50")` (161 trainable
+tensors, 25,557,032 float32); ``small`` is a 3-conv CNN with a dense head.
 
 Example:
   python scripts/benchmark_allreduce.py --num_devices=4,8 --models=resnet50,small \
@@ -32,13 +32,13 @@ Example:
 
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+
+from tfscale.planning import timing  # noqa: E402
 
 
 def define_flags():
@@ -75,8 +75,10 @@ def model_shapes(name):
     import keras
 
     if name == "resnet50":
-        model = keras.applications.ResNet50(weights=None)
-    elif name == "small":
+        from tfscale import models
+
+        return list(models.gradient_shapes("resnet50"))
+    if name == "small":
         model = keras.Sequential([
             keras.Input((32, 32, 3)),
             keras.layers.Conv2D(32, 3, activation="relu"),
@@ -205,19 +207,9 @@ def run(flags_obj):
                                   flags_obj.bytes_per_pack, flags_obj.compression)
                 for name in flags_obj.algorithms
             }
-            for call in calls.values():
-                for _ in range(flags_obj.warmup):
-                    call()
-            times = {name: [] for name in calls}
-            cpu_times = {name: [] for name in calls}
-            for _ in range(flags_obj.reps):
-                for name, call in calls.items():
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    call()
-                    cpu_times[name].append(time.process_time() - start_cpu)
-                    times[name].append(time.perf_counter() - start)
-            medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-            cpu_medians = {name: statistics.median(t) * 1e3 for name, t in cpu_times.items()}
+            timings = timing.time_interleaved(calls, flags_obj.reps, warmup=flags_obj.warmup)
+            times = timings.wall_s
+            medians, cpu_medians = timings.median_ms(), timings.median_ms(cpu=True)
 
             def best(table, names):
                 found = [table[b] for b in names if b in table]
@@ -256,7 +248,9 @@ def run(flags_obj):
         "algorithms": list(flags_obj.algorithms), "reps": flags_obj.reps,
         "warmup": flags_obj.warmup, "bytes_per_pack": flags_obj.bytes_per_pack,
         "compression": flags_obj.compression,
-        "device_type": strategy_lib._device_type()}}  # pylint: disable=protected-access
+        "device_type": strategy_lib._device_type()},  # pylint: disable=protected-access
+        "load_average": timing.load_average()}
+    print(f"load average (1, 5, 15 min) at the end: {out['load_average']}")
     if flags_obj.output_json:
         with open(flags_obj.output_json, "w") as f:
             json.dump(out, f, indent=1)

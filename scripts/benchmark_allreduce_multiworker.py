@@ -20,7 +20,7 @@ Two message sizes:
 * ``small`` (latency-bound): ``--small_num_tensors`` tensors of ``--small_tensor_size``
   float32 (default 200 x 1,000 = 0.8 MB);
 * ``large`` (bandwidth-bound): the 214 gradient tensors of Keras's ResNet-50
-  (25,583,592 float32, 97.6 MiB; `resnet50_gradient_shapes`).
+  (25,557,032 float32, 97.5 MiB; `tfscale.models.gradient_shapes`).
 
 Each (case, algorithm) is warmed up ``--warmup`` times and timed ``--small_reps`` (small)
 or ``--reps`` (large) times (wall clock of the call plus fetching one scalar); the chief
@@ -42,10 +42,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
+
+from tfscale.planning import timing
 
 # "default" is MWMS's own all-reduce; the others come from tfscale's registry (TensorFlow-free import);
 # "torus_rs" is the torus with small_pack_bytes=0.
@@ -79,41 +80,12 @@ def define_flags():
     flags.DEFINE_string("worker_output", "", "Internal: the chief worker's JSON output path.")
 
 
-def resnet50_gradient_shapes(num_classes=1000):
-    """Shapes of the 214 trainable tensors of Keras's ResNet-50 (He et al., arXiv:1512.03385).
-
-    Convolutions have biases (Keras applications style); each is followed by batch
-    normalisation (gamma, beta). 53 convolutions x 4 tensors + the dense layer's 2.
-
-    Args:
-      num_classes: int, the classifier width; default 1000.
-
-    Returns:
-      A list of shape tuples; 25,583,592 elements in total for 1000 classes.
-    """
-    shapes = []
-
-    def conv_bn(k, cin, cout):
-        shapes.extend([(k, k, cin, cout), (cout,), (cout,), (cout,)])
-
-    conv_bn(7, 3, 64)
-    cin = 64
-    for filters, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for block in range(blocks):
-            if block == 0:
-                conv_bn(1, cin, 4 * filters)  # projection shortcut
-            conv_bn(1, cin if block == 0 else 4 * filters, filters)
-            conv_bn(3, filters, filters)
-            conv_bn(1, filters, 4 * filters)
-            cin = 4 * filters
-    shapes.extend([(2048, num_classes), (num_classes,)])
-    return shapes
-
-
 def _case_shapes(flags_obj, case):
     if case == "small":
         return [(flags_obj.small_tensor_size,)] * flags_obj.small_num_tensors
-    return resnet50_gradient_shapes()
+    from tfscale import models
+
+    return list(models.gradient_shapes("resnet50"))
 
 
 def run_worker(flags_obj):
@@ -166,17 +138,10 @@ def run_worker(flags_obj):
 
             step.get_concrete_function()  # Trace now, with this all-reduce installed.
             functions[name] = step
-        times = {name: [] for name in reducers}
-        check = {}
-        for name, fn in functions.items():
-            for _ in range(flags_obj.warmup):
-                check[name] = float(fn())
+        check = {name: float(fn()) for name, fn in functions.items()}
         reps = flags_obj.small_reps if case == "small" else flags_obj.reps
-        for _ in range(reps):  # Interleaved rounds.
-            for name, fn in functions.items():
-                start = time.perf_counter()
-                fn().numpy()
-                times[name].append(time.perf_counter() - start)
+        times = timing.time_interleaved({name: (lambda f=fn: f().numpy()) for name, fn in functions.items()},
+                                        reps, warmup=max(0, flags_obj.warmup - 1)).wall_s
         ref = check["default"] if "default" in check else next(iter(check.values()))
         results[case] = {
             "num_tensors": len(shapes),
@@ -243,8 +208,10 @@ def run(flags_obj):
             all_results.append(json.load(f))
     table = _table(all_results, list(flags_obj.algorithms))
     print(table)
+    load = timing.load_average()
+    print(f"load average (1, 5, 15 min) at the end: {load}")
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": all_results,
-               "table": table}
+               "table": table, "load_average": load}
     with open(flags_obj.output_json, "w") as f:
         json.dump(summary, f, indent=1)
     return summary

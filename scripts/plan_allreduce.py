@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from absl import app
 from absl import flags
 
 from tfscale import planning
+from tfscale.planning import timing
 
 FLAGS = flags.FLAGS
 
@@ -82,10 +82,11 @@ def define_flags():
     # Hidden: run as one calibration worker (set by --calibrate).
     flags.DEFINE_bool("time_logical_devices", True,
                       "Also time the one-process ops (TorusAllReduce on N logical devices).")
-    flags.DEFINE_integer("worker_index", None, "Internal: run as calibration worker of this index.")
+    flags.DEFINE_integer("worker_index", None, "Internal: run as a calibration worker (under tfscale.launch).")
     flags.DEFINE_integer("local_devices_worker", None,
                          "Internal: time the one-process ops on this many logical devices.")
-    flags.DEFINE_string("worker_result", None, "Internal: JSON file a calibration worker writes.")
+    flags.DEFINE_string("worker_result", None, "Internal: JSON file a calibration worker writes ({rank} is "
+                        "replaced by the worker's rank).")
     # Cluster.
     flags.DEFINE_string("cluster", None,
                         "Preset (akiba, mikami, ying, yamazaki), 'custom', 'calibration', or a JSON file.")
@@ -164,19 +165,14 @@ def _run_worker(flags_obj):
             if abs(first - expected) > 1e-3 * expected:
                 raise RuntimeError(f"{algorithm} {grid}: sum {first}, expected {expected}")
             fns.append(fn)
-            times.append([])
-        # Round-robin over the algorithms so that load drifts hit them all alike.
-        for _ in range(flags_obj.reps):
-            for fn, ts in zip(fns, times):
-                barrier(token).numpy()
-                start = time.perf_counter()
-                fn(x).numpy()
-                ts.append(time.perf_counter() - start)
-        for (algorithm, grid, _), ts in zip(reducers, times):
+        # Interleaved rounds (the shared harness), every call lined up by a barrier first.
+        timed = timing.time_interleaved({i: (lambda f=fn: f(x).numpy()) for i, fn in enumerate(fns)},
+                                        flags_obj.reps, before=lambda: barrier(token).numpy())
+        for i, (algorithm, grid, _) in enumerate(reducers):
             results.append({"algorithm": algorithm, "grid_shape": grid, "num_bytes": size,
-                            "times": ts})
+                            "times": timed.wall_s[i]})
     barrier(token).numpy()
-    with open(flags_obj.worker_result, "w", encoding="utf-8") as f:
+    with open(flags_obj.worker_result.format(rank=rank), "w", encoding="utf-8") as f:
         json.dump({"rank": rank, "num_workers": num_workers, "results": results}, f)
     return {}
 
@@ -212,15 +208,12 @@ def _run_local_devices_worker(flags_obj):
             if any(abs(x - n) > 1e-3 for x in first):
                 raise RuntimeError(f"{algorithm} {grid}: sums {first}, expected {n}")
             fns.append((strategy, fn))
-            times.append([])
-        for _ in range(3 * flags_obj.reps):  # cheap and noisy: three times the reps
-            for (strategy, fn), ts in zip(fns, times):
-                start = time.perf_counter()
-                [t.numpy() for t in strategy.experimental_local_results(fn())]
-                ts.append(time.perf_counter() - start)
-        for (algorithm, grid), ts in zip(configs, times):
+        timed = timing.time_interleaved(  # cheap and noisy: three times the reps
+            {i: (lambda s=strategy, f=fn: [t.numpy() for t in s.experimental_local_results(f())])
+             for i, (strategy, fn) in enumerate(fns)}, 3 * flags_obj.reps)
+        for i, (algorithm, grid) in enumerate(configs):
             results.append({"algorithm": algorithm, "grid_shape": grid, "num_bytes": size,
-                            "times": ts})
+                            "times": timed.wall_s[i]})
     with open(flags_obj.worker_result, "w", encoding="utf-8") as f:
         json.dump({"num_workers": n, "results": results}, f)
     return {}
@@ -229,70 +222,31 @@ def _run_local_devices_worker(flags_obj):
 # --- calibration: the parent side ------------------------------------------------------
 
 
-def _free_ports(count):
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _time_processes(num_workers, flags_obj, workdir):
-    """Starts `num_workers` workers; returns TimingSamples (per rep: max over workers)."""
-    ports = _free_ports(num_workers)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs, logs = [], []
-    args = [
-        f"--message_bytes={','.join(flags_obj.message_bytes)}",
-        f"--reps={flags_obj.reps}",
-        f"--collective_timeout_s={flags_obj.collective_timeout_s}",
-    ]
-    try:
-        for i in range(num_workers):
-            env = dict(os.environ)
-            env.update(
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-                TF_CPP_MIN_LOG_LEVEL="2",
-                CUDA_VISIBLE_DEVICES="",
-            )
-            env.pop("TFSCALE_DEVICES_PER_WORKER", None)
-            log = open(os.path.join(workdir, f"n{num_workers}_w{i}.log"), "w", encoding="utf-8")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), f"--worker_index={i}",
-                 f"--worker_result={os.path.join(workdir, f'n{num_workers}_w{i}.json')}"] + args,
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-        deadline = time.monotonic() + flags_obj.worker_timeout_s
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(
-            f"Calibration with {num_workers} processes ran past --worker_timeout_s="
-            f"{flags_obj.worker_timeout_s}; logs in {workdir}"
-        ) from None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-        for log in logs:
-            log.close()
-    if any(p.returncode for p in procs):
-        tails = []
-        for i, p in enumerate(procs):
-            if p.returncode:
-                with open(os.path.join(workdir, f"n{num_workers}_w{i}.log"), encoding="utf-8") as f:
-                    tails.append(f"--- worker {i} (exit {p.returncode}):\n" + f.read()[-1500:])
-        raise RuntimeError(f"Calibration workers failed ({num_workers} processes):\n" + "\n".join(tails))
+    """Starts `num_workers` workers with `python -m tfscale.launch`; returns TimingSamples (per rep: max over workers)."""
+    result = os.path.join(workdir, f"n{num_workers}_w{{rank}}.json")
+    log_path = os.path.join(workdir, f"n{num_workers}.log")
+    cmd = [sys.executable, "-m", "tfscale.launch", "--num_workers", str(num_workers),
+           "--timeout_seconds", str(flags_obj.worker_timeout_s), "--grace_seconds", "5", "--",
+           sys.executable, os.path.abspath(__file__), "--worker_index=-1", f"--worker_result={result}",
+           f"--message_bytes={','.join(flags_obj.message_bytes)}", f"--reps={flags_obj.reps}",
+           f"--collective_timeout_s={flags_obj.collective_timeout_s}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TFSCALE_DEVICES_PER_WORKER", None)
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   timeout=flags_obj.worker_timeout_s + 60)
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    if code != 0:
+        with open(log_path, encoding="utf-8") as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"Calibration workers failed ({num_workers} processes, exit {code}); "
+                           f"log {log_path}:\n{tail}")
     per_worker = []
     for i in range(num_workers):
-        with open(os.path.join(workdir, f"n{num_workers}_w{i}.json"), encoding="utf-8") as f:
+        with open(result.format(rank=i), encoding="utf-8") as f:
             per_worker.append(json.load(f)["results"])
     samples = []
     for entries in zip(*per_worker):
@@ -335,18 +289,10 @@ def _time_local_add(sizes, reps):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     add = tf.function(lambda a, b: (a + b)[:1])
-    seconds = []
-    for size in sizes:
-        a = tf.ones([size // 4])
-        b = tf.ones([size // 4])
-        add(a, b).numpy()
-        times = []
-        for _ in range(max(reps, 5)):
-            start = time.perf_counter()
-            add(a, b).numpy()
-            times.append(time.perf_counter() - start)
-        seconds.append(times)
-    return seconds
+    buffers = [(tf.ones([size // 4]), tf.ones([size // 4])) for size in sizes]
+    timed = timing.time_interleaved({i: (lambda a=a, b=b: add(a, b).numpy()) for i, (a, b) in enumerate(buffers)},
+                                    max(reps, 5), warmup=1)
+    return [timed.wall_s[i] for i in range(len(sizes))]
 
 
 def _machine():
@@ -362,32 +308,6 @@ def _machine():
         "load_average": list(os.getloadavg()),
         "transport": "TF collective ops over gRPC on 127.0.0.1 (one CPU device per process)",
     }
-
-
-def _validation_rows(samples, fit_by_n, label):
-    rows = []
-    for s in samples:
-        fit = fit_by_n[s.num_workers] if isinstance(fit_by_n, dict) else fit_by_n
-        predicted = fit.predict(s)
-        rows.append({
-            "fit": label,
-            "algorithm": s.algorithm,
-            "grid_shape": list(s.grid_shape) if s.grid_shape else None,
-            "num_workers": s.num_workers,
-            "num_bytes": s.num_bytes,
-            "measured_ms": s.seconds * 1e3,
-            "predicted_ms": predicted * 1e3,
-            "error": (predicted - s.seconds) / s.seconds,
-        })
-    return rows
-
-
-def _fit(samples, gamma):
-    """Fits alpha, beta and delta; delta = 0 where one algorithm cannot separate it."""
-    try:
-        return planning.fit_cost_parameters(samples, gamma, launch_overhead_s=None)
-    except ValueError:
-        return planning.fit_cost_parameters(samples, gamma, launch_overhead_s=0.0)
 
 
 def _fit_reduction(sizes, reps, statistic):
@@ -433,8 +353,7 @@ def _measure(flags_obj):
 def calibrate(flags_obj):
     """Times (or, with --samples_from, reloads the timings), fits, writes the JSON; returns it."""
     if flags_obj.samples_from:
-        with open(flags_obj.samples_from, encoding="utf-8") as f:
-            old = json.load(f)
+        old = planning.load_calibration(flags_obj.samples_from)
         reduction = old["reduction"]
         samples = [planning.TimingSample(**d) for d in old["samples"]]
         local_samples = [planning.TimingSample(**d)
@@ -452,22 +371,22 @@ def calibrate(flags_obj):
     else:
         reduction, samples, local_samples = _measure(flags_obj)
         machine, command = _machine(), " ".join(sys.argv)
-        with open(flags_obj.calibration_file, "w", encoding="utf-8") as f:  # raw timings first
-            json.dump({"machine": machine, "command": command, "reduction": reduction,
-                       "samples": [x.to_dict() for x in samples],
-                       "logical_devices": {"samples": [x.to_dict() for x in local_samples]}}, f)
+        planning.save_calibration(flags_obj.calibration_file, {  # raw timings first
+            "machine": machine, "command": command, "reduction": reduction,
+            "samples": [x.to_dict() for x in samples],
+            "logical_devices": {"samples": [x.to_dict() for x in local_samples]}})
     gamma = reduction["gamma_s_per_byte"]
     counts = sorted({s.num_workers for s in samples})
     # Per process count: alpha, beta and the per-call overhead delta (gamma measured apart).
-    per_n = {n: _fit([s for s in samples if s.num_workers == n], gamma) for n in counts}
+    per_n = {n: planning.fit_alpha_beta_delta([s for s in samples if s.num_workers == n], gamma) for n in counts}
     # Out of sample: alpha and beta from the ring alone (delta = 0), predicting the torus.
     ring_only = {n: planning.fit_cost_parameters(
         [s for s in samples if s.num_workers == n and s.algorithm == "ring"], gamma) for n in counts}
-    overall = _fit(samples, gamma)
+    overall = planning.fit_alpha_beta_delta(samples, gamma)
     validation = (
-        _validation_rows(samples, per_n, "per_n")
-        + _validation_rows(samples, ring_only, "ring_only")
-        + _validation_rows(samples, overall, "all_n")
+        planning.validation_rows(samples, per_n, "per_n")
+        + planning.validation_rows(samples, ring_only, "ring_only")
+        + planning.validation_rows(samples, overall, "all_n")
     )
     result = {
         "machine": machine,
@@ -482,16 +401,15 @@ def calibrate(flags_obj):
         "validation": validation,
     }
     if local_samples:
-        local_fit = {n: _fit([s for s in local_samples if s.num_workers == n], gamma)
+        local_fit = {n: planning.fit_alpha_beta_delta([s for s in local_samples if s.num_workers == n], gamma)
                      for n in sorted({s.num_workers for s in local_samples})}
         result["logical_devices"] = {
             "transport": "one process, MirroredStrategy over N logical CPU devices (shared memory)",
             "samples": [s.to_dict() for s in local_samples],
             "fits": {str(n): f.to_dict() for n, f in local_fit.items()},
-            "validation": _validation_rows(local_samples, local_fit, "per_n"),
+            "validation": planning.validation_rows(local_samples, local_fit, "per_n"),
         }
-    with open(flags_obj.calibration_file, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    planning.save_calibration(flags_obj.calibration_file, result)
     _print_calibration(result)
     return result
 
@@ -534,8 +452,7 @@ def _print_calibration(result):
 
 
 def _calibrated(flags_obj):
-    with open(flags_obj.calibration_file, encoding="utf-8") as f:
-        return json.load(f)
+    return planning.load_calibration(flags_obj.calibration_file)
 
 
 def build_cluster_and_workload(flags_obj):

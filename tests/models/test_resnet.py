@@ -88,3 +88,15 @@ def test_default_bn_momentum_and_epsilon():
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_gradient_shapes_are_the_planner_default():
+    """One definition of ResNet-50's gradients: the benchmarks' shapes and the planner's default workload agree."""
+    import numpy as np
+
+    from tfscale import models, planning
+
+    shapes = models.gradient_shapes("resnet50")
+    assert len(shapes) == 161
+    assert sum(int(np.prod(s)) for s in shapes) == planning.Workload().num_parameters == 25_557_032
+    assert models.gradient_shapes("resnet8", num_classes=10)[-1] == (10,)

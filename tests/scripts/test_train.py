@@ -46,24 +46,26 @@ def tiny_records(tmp_path_factory):
 def test_trains_and_writes_results(tiny_records, tmp_path):
     model_dir = str(tmp_path / "run")
     proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}",
-                   "--epochs=2", "--eval_every_epochs=1", "--all_reduce=torus", "--grid_shape=2x2",
-                   "--bn_stats=recompute", *FAST])
+                   "--epochs=3", "--eval_every_epochs=1", "--all_reduce=torus", "--grid_shape=2x2",
+                   "--bn_stats=recompute", "--base_lr=3.2", "--warmup_epochs=0.5", *FAST])
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(model_dir, "results.json")) as f:
         results = json.load(f)
-    assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
+    # 3 epochs of 10 steps on 320 images learn clearly above chance (10% top-1, 50% top-5); measured 0.29 and 0.85.
+    # A run that diverges, or whose updates are lost, stays near chance.
+    assert results["top1"] >= 0.2 and results["top5"] >= 0.65 and results["top1"] <= results["top5"]
     assert results["num_train_examples"] == 322 and results["num_eval_examples"] == 80
     assert results["num_evaluated"] == 80  # every evaluation image counted once, padding excluded
     # --bn_stats=recompute: top1 uses the recomputed statistics; the moving-average figure is kept beside it.
-    assert 0.0 <= results["moving_average_top1"] <= results["moving_average_top5"] <= 1.0
+    assert results["moving_average_top1"] >= 0.2 and results["moving_average_top1"] <= results["moving_average_top5"]
     # Keras's figure (mean over replicas, padding weighted out) agrees with the exact count to within one image.
     assert abs(results["keras_top1"] - results["top1"]) <= 1 / 80 + 1e-6
     assert results["num_replicas"] == 4
-    assert results["epochs_run"] == [0, 1]
-    assert len(results["history"]["val_top1"]) == 2
+    assert results["epochs_run"] == [0, 1, 2]
+    assert len(results["history"]["val_top1"]) == 3
     assert results["images_per_second"] > 0
     # The corrupt JPEG and the out-of-range label are skipped and counted, once per pass over the training data
-    # (2 epochs of 10 steps of 32 cover the 322 records twice; the BN-statistics pass may read more).
+    # (3 epochs of 10 steps of 32 cover the 322 records three times; the BN-statistics pass may read more).
     assert results["skipped_records"] >= 2
     assert results["config"]["all_reduce"] == "torus" and results["config"]["grid_shape"] == "2x2"
     assert os.path.isfile(os.path.join(model_dir, "model.keras"))

@@ -8,9 +8,13 @@ grid. See `docs/scaling.md` and `scripts/plan_allreduce.py`.
 
 from tfscale.planning.calibration import CostFit
 from tfscale.planning.calibration import TimingSample
+from tfscale.planning.calibration import fit_alpha_beta_delta
 from tfscale.planning.calibration import fit_cost_parameters
 from tfscale.planning.calibration import fit_reduction_rate
+from tfscale.planning.calibration import load_calibration
 from tfscale.planning.calibration import sample_coefficients
+from tfscale.planning.calibration import save_calibration
+from tfscale.planning.calibration import validation_rows
 from tfscale.planning.cluster import PRESETS
 from tfscale.planning.cluster import Cluster
 from tfscale.planning.cluster import Link
@@ -27,6 +31,7 @@ from tfscale.planning.cost_model import halving_doubling_allreduce_cost
 from tfscale.planning.cost_model import hierarchical_allreduce_cost
 from tfscale.planning.cost_model import num_packs
 from tfscale.planning.cost_model import ring_allreduce_cost
+from tfscale.planning.cost_model import schedule_cost
 from tfscale.planning.cost_model import torus_allreduce_cost
 from tfscale.planning.cost_model import wire_bytes
 from tfscale.planning.recommend import PlanRow
@@ -48,6 +53,7 @@ __all__ = [
     "Workload",
     "allreduce_cost",
     "cluster_from_dict",
+    "fit_alpha_beta_delta",
     "fit_cost_parameters",
     "fit_reduction_rate",
     "get_preset",
@@ -58,7 +64,11 @@ __all__ = [
     "plan",
     "recommend",
     "ring_allreduce_cost",
+    "load_calibration",
     "sample_coefficients",
+    "save_calibration",
+    "schedule_cost",
+    "validation_rows",
     "scaling_curve",
     "scaling_efficiency",
     "torus_allreduce_cost",

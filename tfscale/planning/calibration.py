@@ -21,7 +21,10 @@ its own (`fit_reduction_rate`, timing local adds) and pass it to `fit_cost_param
 """
 
 import dataclasses
+import json
 import math
+import os
+import tempfile
 
 from tfscale.planning import cluster as cluster_lib
 from tfscale.planning import cost_model
@@ -29,9 +32,13 @@ from tfscale.planning import cost_model
 __all__ = [
     "CostFit",
     "TimingSample",
+    "fit_alpha_beta_delta",
     "fit_cost_parameters",
     "fit_reduction_rate",
+    "load_calibration",
     "sample_coefficients",
+    "save_calibration",
+    "validation_rows",
 ]
 
 
@@ -312,3 +319,103 @@ def fit_reduction_rate(num_bytes, seconds):
     weights = [1.0 / (t * t) for t in seconds]
     solution = _nonnegative_least_squares(rows, seconds, weights, {0, 1}, ["overhead", "gamma"])
     return solution[0], solution[1]
+
+
+def fit_alpha_beta_delta(samples, gamma_s_per_byte):
+    """Fits alpha, beta and the launch overhead delta with gamma fixed; delta = 0 where it cannot be separated.
+
+    With timings of one algorithm only (e.g. the flat ring alone) every sample makes the
+    same number of calls per step, so delta is not identifiable; it is then fixed at 0.
+
+    Args:
+      samples: list of `TimingSample`.
+      gamma_s_per_byte: float >= 0, seconds per byte added (`fit_reduction_rate`).
+
+    Returns:
+      `CostFit`.
+
+    Raises:
+      ValueError: as `fit_cost_parameters` (e.g. no samples).
+    """
+    try:
+        return fit_cost_parameters(samples, gamma_s_per_byte, launch_overhead_s=None)
+    except ValueError:
+        return fit_cost_parameters(samples, gamma_s_per_byte, launch_overhead_s=0.0)
+
+
+def validation_rows(samples, fit_by_num_workers, label):
+    """Predicted against measured time of every sample: the rows of the calibration's validation table.
+
+    Args:
+      samples: list of `TimingSample`.
+      fit_by_num_workers: a `CostFit`, or a dict mapping a worker count to the `CostFit`
+        that predicts samples of that count.
+      label: str, the name of the fit (e.g. ``"per_n"``), copied into each row.
+
+    Returns:
+      list of dicts with ``fit``, ``algorithm``, ``grid_shape``, ``num_workers``,
+      ``num_bytes``, ``measured_ms``, ``predicted_ms`` and ``error`` (relative, signed:
+      ``(predicted - measured) / measured``).
+
+    Raises:
+      KeyError: if a sample's worker count has no fit in the dict.
+    """
+    rows = []
+    for s in samples:
+        fit = fit_by_num_workers[s.num_workers] if isinstance(fit_by_num_workers, dict) else fit_by_num_workers
+        predicted = fit.predict(s)
+        rows.append({
+            "fit": label,
+            "algorithm": s.algorithm,
+            "grid_shape": list(s.grid_shape) if s.grid_shape else None,
+            "num_workers": s.num_workers,
+            "num_bytes": s.num_bytes,
+            "measured_ms": s.seconds * 1e3,
+            "predicted_ms": predicted * 1e3,
+            "error": (predicted - s.seconds) / s.seconds,
+        })
+    return rows
+
+
+def save_calibration(path, calibration):
+    """Writes a calibration dict as JSON to `path`, atomically (temporary file, then rename).
+
+    Args:
+      path: str, the file (its directory must exist).
+      calibration: JSON-serialisable dict (what ``plan_allreduce.py --calibrate`` builds:
+        ``machine``, ``command``, ``reduction``, ``samples``, ``fits``, ``validation``).
+
+    Raises:
+      OSError: if the file cannot be written.
+      TypeError: if `calibration` is not JSON-serialisable.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(calibration, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_calibration(path):
+    """Reads a calibration JSON written by `save_calibration`.
+
+    Returns:
+      dict, with ``samples`` as stored (``TimingSample(**d)`` rebuilds each).
+
+    Raises:
+      FileNotFoundError: if `path` does not exist.
+      ValueError: if it is not a JSON object with a ``samples`` list (naming the file).
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Calibration file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
+        raise ValueError(f"Calibration file {path} has no 'samples' list; write it with plan_allreduce.py --calibrate")
+    return data
