@@ -499,8 +499,13 @@ def run(flags_obj) -> dict:
 def main(_):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep TF's per-step INFO lines out of the progress output
+    from tfscale.data import jpeg_messages
+
     try:
-        run(FLAGS)
+        # libjpeg prints a line to stderr for each corrupt JPEG; those records are skipped and counted, so the lines
+        # are counted too (SkippedRecordsLogger's epoch line, one summary at the end) instead of printed.
+        with jpeg_messages.LibjpegMessageFilter():
+            run(FLAGS)
     except (ValueError, FileNotFoundError) as e:  # bad flags or data: one clear line, no deep stack trace
         sys.exit(f"train.py: error: {e}")
 

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfscale.data import integrity
+from tfscale.data import jpeg_messages
 from tfscale.data import preprocessing
 from tfscale.data import records
 
@@ -137,8 +138,11 @@ class SkippedRecordsLogger(keras.callbacks.Callback):
             logs["skipped_records_epoch"] = delta
         if self.verbose and delta:
             reasons = ", ".join(f"{name}: {n}" for name, n in self.counter.result_by_reason().items())
+            libjpeg = jpeg_messages.suppressed_count()  # lines a LibjpegMessageFilter kept off stderr
             self.print_fn(f"Epoch {epoch + 1}: skipped {delta} bad input records ({total} in total"
-                          + (f"; by reason since the start: {reasons}" if reasons else "") + ").")
+                          + (f"; by reason since the start: {reasons}" if reasons else "")
+                          + (f"; libjpeg's stderr messages about them suppressed: {libjpeg}" if libjpeg else "")
+                          + ").")
 
 
 def _validate_positive_int(name, value):
