@@ -37,6 +37,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from tfscale.distribute import validation
+
 __all__ = [
     "COMPRESSIONS",
     "DEFAULT_ALIGNMENT_BYTES",
@@ -249,24 +251,10 @@ def pack(tensors, bytes_per_pack, alignment_bytes=DEFAULT_ALIGNMENT_BYTES):
     Raises:
       ValueError: if `bytes_per_pack` < 0, `alignment_bytes` < 1, or a tensor's shape is
         not fully defined.
-      TypeError: if `bytes_per_pack` is not an int.
+      TypeError: if `bytes_per_pack` or `alignment_bytes` is not an int.
     """
-    if isinstance(bytes_per_pack, bool) or not isinstance(bytes_per_pack, int):
-        raise TypeError(
-            "Argument `bytes_per_pack` must be an int. "
-            f"Received: bytes_per_pack={bytes_per_pack!r}"
-        )
-    if bytes_per_pack < 0:
-        raise ValueError(
-            f"Argument `bytes_per_pack` must be >= 0. Received: bytes_per_pack={bytes_per_pack}"
-        )
-    if isinstance(alignment_bytes, bool) or not isinstance(alignment_bytes, int) or (
-        alignment_bytes < 1
-    ):
-        raise ValueError(
-            "Argument `alignment_bytes` must be an int >= 1. "
-            f"Received: alignment_bytes={alignment_bytes!r}"
-        )
+    bytes_per_pack = validation.check_non_negative_int("bytes_per_pack", bytes_per_pack)
+    alignment_bytes = validation.check_positive_int("alignment_bytes", alignment_bytes)
     tensors = [tf.convert_to_tensor(t) for t in tensors]
     shapes = [_static_shape(t, i) for i, t in enumerate(tensors)]
 

@@ -28,6 +28,7 @@ import time
 import keras
 
 from tfscale import _tf_compat
+from tfscale.distribute import validation
 
 __all__ = ["CollectiveWatchdog"]
 
@@ -135,6 +136,6 @@ class CollectiveWatchdog(keras.callbacks.Callback):
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"Argument `{name}` must be a number > 0. Received: {name}={value!r}")
-    return float(value)
+    if value is None:
+        raise ValueError(f"Argument `{name}` must be a number of seconds > 0. Received: {name}=None")
+    return validation.check_timeout(name, value)
