@@ -60,6 +60,10 @@ _EVAL_PATTERN = "validation-*"
 _OUR_FLAGS: set[str] = set()  # the names define_flags() defines
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite (Keras's TerminateOnNaN stopped the run)."""
+
+
 def define_flags():
     """Defines the command-line flags of the training script (call once, before parsing)."""
     before = set(FLAGS)
@@ -83,7 +87,20 @@ def define_flags():
                          "records without metadata).")
     flags.DEFINE_integer("label_offset", 1,
                          "Subtracted from the stored label: 1 for TPU/Model Garden records (1-based), "
-                         "0 for TFDS imagenet2012 records (0-based).")
+                         "0 for TFDS imagenet2012 records (0-based). Default: the --record_keys preset's.")
+    flags.DEFINE_enum("record_keys", "tpu", ["tpu", "tfds"],
+                      "Preset of the record layout: tpu = TPU reference / Model Garden (--image_key=image/encoded "
+                      "--label_key=image/class/label --label_offset=1); tfds = TFDS imagenet2012 (--image_key=image "
+                      "--label_key=label --label_offset=0). Flags given explicitly win.")
+    flags.DEFINE_string("image_key", None, "Feature key of the JPEG bytes (default: the --record_keys preset's).")
+    flags.DEFINE_string("label_key", None, "Feature key of the int64 label (default: the --record_keys preset's).")
+    flags.DEFINE_integer("fail_fast_records", 1000,
+                         "Stop with an error (naming the files, the most common skip reason and the keys) when the "
+                         "first N records of an input pipeline, or its whole first pass, yield no usable example.")
+    flags.DEFINE_enum("on_damaged_file", "stop", ["stop", "count"],
+                      "A truncated, corrupt or compressed TFRecord file: stop before training (naming each file "
+                      "and the records readable before the damage), or count the rest of the file as lost and go "
+                      "on (results.json reports the lost records and the evaluation shortfall).")
     flags.DEFINE_integer("image_size", None, "Input height and width in pixels (default: 28 for fashion_mnist, "
                          "224 for imagenet).")
     flags.DEFINE_enum("train_crop", None, ["inception", "pad_and_crop"],
@@ -148,6 +165,12 @@ def define_flags():
     flags.DEFINE_integer("eval_every_epochs", 4, "Evaluate every N epochs, as MLPerf does every 4 (and always at "
                          "the end).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_bool("allow_config_change", False,
+                      "Resume a run in --model_dir even though training-relevant flags differ from the stored "
+                      "run_config.json (the differences are printed).")
+    flags.DEFINE_bool("overwrite", False,
+                      "Remove the previous run's results, model, backup, logs and config in --model_dir and train "
+                      "from scratch (needed to re-run a finished run).")
     _OUR_FLAGS.update(set(FLAGS) - before)
 
 
@@ -223,7 +246,97 @@ def resolve_config(flags_obj) -> dict:
         if config["optimizer"] == recipe["optimizer"]:
             config["optimizer_params"] = dict(recipe.get("optimizer_params") or {})
         config["recipe_reference"] = recipe.get("reference")
+    from tfscale.data import integrity
+
+    preset_image_key, preset_label_key, preset_offset = integrity.KEY_PRESETS[config["record_keys"]]
+    config["image_key"] = preset_image_key if config["image_key"] is None else config["image_key"]
+    config["label_key"] = preset_label_key if config["label_key"] is None else config["label_key"]
+    if not flags_obj["label_offset"].present:
+        config["label_offset"] = preset_offset
+    validate_config(config)
     return config
+
+
+def _check(ok, flag, value, expected):
+    if not ok:
+        raise ValueError(f"Flag --{flag} must be {expected}. Received: --{flag}={value}")
+
+
+def validate_config(config) -> None:
+    """One validation pass over the whole resolved configuration, before anything is built or trained.
+
+    Every flag with a constrained value is checked here (ranges, formats, cross-flag consistency such as the
+    batch schedule's phases against --epochs), so a bad value fails in seconds instead of after training.
+
+    Raises:
+        ValueError: naming the first bad flag, its value and what was expected.
+    """
+    import math
+    import re
+
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    for key in ("global_batch_size", "epochs", "num_replicas", "eval_every_epochs", "image_size",
+                "bn_stats_batches", "fail_fast_records"):
+        _check(config[key] >= 1, key, config[key], ">= 1")
+    for key in ("num_classes", "steps_per_epoch", "devices_per_node", "bytes_per_pack"):
+        _check(config[key] is None or config[key] >= 1, key, config[key], ">= 1 (or unset)")
+    _check(config["num_classes"] is None or config["num_classes"] >= 2, "num_classes", config["num_classes"],
+           ">= 2 (or unset)")
+    _check(config["pad_pixels"] >= 0, "pad_pixels", config["pad_pixels"], ">= 0")
+    _check(config["label_offset"] >= 0, "label_offset", config["label_offset"], ">= 0")
+    _check(config["seed"] >= 0, "seed", config["seed"], ">= 0")
+    _check(config["bn_group_size"] is None or config["bn_group_size"] >= 0, "bn_group_size",
+           config["bn_group_size"], ">= 0 (or unset)")
+    _check(finite(config["min_crop_area"]) and 0 < config["min_crop_area"] <= 1, "min_crop_area",
+           config["min_crop_area"], "in (0, 1]")
+    _check(finite(config["central_fraction"]) and 0 < config["central_fraction"] <= 1, "central_fraction",
+           config["central_fraction"], "in (0, 1]")
+    _check(finite(config["bn_momentum"]) and 0 <= config["bn_momentum"] < 1, "bn_momentum",
+           config["bn_momentum"], "in [0, 1)")
+    _check(finite(config["base_lr"]) and config["base_lr"] > 0, "base_lr", config["base_lr"], "> 0 and finite")
+    _check(finite(config["momentum"]) and 0 <= config["momentum"] < 1, "momentum", config["momentum"],
+           "in [0, 1)")
+    _check(finite(config["weight_decay"]) and config["weight_decay"] >= 0, "weight_decay", config["weight_decay"],
+           ">= 0 and finite")
+    _check(finite(config["lars_eta"]) and config["lars_eta"] > 0, "lars_eta", config["lars_eta"], "> 0")
+    _check(finite(config["label_smoothing"]) and 0 <= config["label_smoothing"] < 1, "label_smoothing",
+           config["label_smoothing"], "in [0, 1)")
+    _check(finite(config["warmup_epochs"]) and config["warmup_epochs"] >= 0, "warmup_epochs",
+           config["warmup_epochs"], ">= 0")
+    if config["lr_schedule"] in ("warmup_poly", "warmup_cosine"):
+        _check(config["warmup_epochs"] < config["epochs"], "warmup_epochs", config["warmup_epochs"],
+               f"< --epochs={config['epochs']} with --lr_schedule={config['lr_schedule']}")
+    for key in ("image_key", "label_key"):
+        _check(isinstance(config[key], str) and config[key].strip(), key, repr(config[key]), "a non-empty key")
+    _check(config["grid_shape"] is None or re.fullmatch(r"[1-9]\d*x[1-9]\d*", config["grid_shape"]),
+           "grid_shape", config["grid_shape"], "ROWSxCOLS with positive integers, e.g. 2x2")
+    _check(config["tf_data_service"] is None or re.fullmatch(r"(grpc://)?[^\s:/]+:\d{1,5}", config["tf_data_service"]),
+           "tf_data_service", config["tf_data_service"], "grpc://host:port")
+    _check(isinstance(config["model"], str) and re.fullmatch(r"[a-z0-9_]+", config["model"]), "model",
+           config["model"], "a model name such as resnet8 or resnet50")
+    if config["batch_schedule"]:
+        phases = []
+        for part in str(config["batch_schedule"]).split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+            _check(match, "batch_schedule", config["batch_schedule"], "EPOCH:GLOBAL_BATCH,... e.g. 0:4096,10:8192")
+            phases.append((int(match.group(1)), int(match.group(2))))
+        starts = [epoch for epoch, _ in phases]
+        _check(starts[0] == 0 and starts == sorted(set(starts)), "batch_schedule", config["batch_schedule"],
+               "phases starting at epoch 0, in increasing epoch order")
+        _check(all(batch >= 1 for _, batch in phases), "batch_schedule", config["batch_schedule"],
+               "global batches >= 1")
+        _check(starts[-1] < config["epochs"], "batch_schedule", config["batch_schedule"],
+               f"phases that start before --epochs={config['epochs']} (a later phase would never run)")
+    data_dir = config["data_dir"]
+    _check(data_dir is None or not (os.path.exists(data_dir) and not os.path.isdir(data_dir)), "data_dir",
+           repr(data_dir),
+           "a directory (this is a file)")
+    model_dir = config["model_dir"]
+    _check(isinstance(model_dir, str) and model_dir and not (os.path.exists(model_dir)
+                                                             and not os.path.isdir(model_dir)),
+           "model_dir", repr(model_dir), "a directory path (this is a file)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +376,7 @@ def prepare_data(config) -> dict:
         info.setdefault("label_offset", 1)
         if config["num_classes"]:
             info["num_classes"] = config["num_classes"]
-        return info
+        return check_record_files(info, config)
     if not os.path.isdir(data_dir):
         raise ValueError(f"Flag --data_dir={data_dir!r} is not a directory.")
     info = {"train_file_pattern": os.path.join(data_dir, _TRAIN_PATTERN),
@@ -273,11 +386,51 @@ def prepare_data(config) -> dict:
         if not tf.io.gfile.glob(pattern):
             raise ValueError(f"Flag --data_dir={data_dir!r} holds no TFRecords matching "
                              f"{os.path.basename(pattern)!r}.")
-        info[key] = tdata.count_records(pattern)
+        try:
+            info[key] = tdata.count_records(pattern)
+        except tf.errors.OpError:  # a damaged file without metadata: counted by the framing walk instead
+            from tfscale.data import integrity
+
+            info[key] = sum(r.num_records for r in integrity.verify_record_files(pattern))
         if info[key] == 0:
             raise ValueError(f"The TFRecords {pattern!r} in --data_dir hold no records.")
     meta = tdata.read_metadata(data_dir, "train") or {}
     info["num_classes"] = config["num_classes"] or meta.get("num_classes") or 1000
+    return check_record_files(info, config)
+
+
+def check_record_files(info, config) -> dict:
+    """Walks every training and evaluation record file (`tfscale.data.integrity.verify_record_files`).
+
+    A truncated, corrupt or compressed file stops the run with --on_damaged_file=stop (the default), naming each
+    file and the records readable before the damage. With --on_damaged_file=count the run goes on: the rest of each
+    such file is counted as lost (`lost_records`, `damaged_files` in the returned info and in results.json), and
+    the counts of examples become the readable ones.
+
+    Raises:
+        ValueError: with --on_damaged_file=stop, when a file is damaged.
+    """
+    from tfscale.data import integrity
+
+    info["damaged_files"], info["lost_records"] = [], 0
+    for split, key in (("train", "num_train_examples"), ("eval", "num_eval_examples")):
+        reports = integrity.verify_record_files(info[f"{split}_file_pattern"])
+        damage = integrity.describe_damage(reports)
+        if not damage:
+            continue
+        if config["on_damaged_file"] == "stop":
+            raise ValueError("damaged TFRecord files (pass --on_damaged_file=count to go on and count the rest of "
+                             "each as lost):\n  " + "\n  ".join(damage))
+        readable = sum(r.num_records for r in reports)
+        expected = info.get(key) or readable
+        lost = max(0, expected - readable)
+        for line in damage:
+            print(f"WARNING: damaged TFRecord file, the rest of it is lost: {line}")
+        print(f"WARNING: {split}: {readable:,} of {expected:,} records readable ({lost:,} lost).")
+        info["damaged_files"] += damage
+        info["lost_records"] += lost
+        info[f"expected_{key}"] = expected
+        info[key] = readable
     return info
 
 
@@ -331,6 +484,9 @@ def run(flags_obj) -> dict:
     """Trains and evaluates; returns the results written to `<model_dir>/results.json`."""
     config = resolve_config(flags_obj)
     start = time.time()
+    from tfscale.training import run_state
+
+    run_state.check_model_dir(config["model_dir"])
 
     import keras
     import tensorflow as tf
@@ -352,6 +508,17 @@ def run(flags_obj) -> dict:
     num_replicas = strategy.num_replicas_in_sync
     all_reduce = getattr(distribute.strategy_handle(strategy), "all_reduce", None)  # set by the multi-worker path
     is_chief = all_reduce is None or all_reduce.worker_rank == 0
+    if all_reduce is not None:
+        # TF's coordination service catches SIGTERM (preemption notice) and the worker would go on until the
+        # launcher's SIGKILL; a stopped worker should stop now (its backup is written atomically).
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Resume only what matches: a finished run or a changed training-relevant flag stops here (every worker).
+    run_state.check_resume(config["model_dir"], config, allow_config_change=config["allow_config_change"],
+                           overwrite=config["overwrite"] and is_chief)
+    if is_chief:
+        run_state.write_run_config(config["model_dir"], config)
     print(f"{num_replicas} replicas on {list(strategy.extended.worker_devices)}, all-reduce "
           f"{config['all_reduce']}")
     keras.utils.set_random_seed(config["seed"])
@@ -376,6 +543,9 @@ def run(flags_obj) -> dict:
             batch_size=ctx.get_per_replica_batch_size(global_batch),
             input_context=ctx,
             label_offset=config["label_offset"],
+            image_key=config["image_key"],
+            label_key=config["label_key"],
+            fail_fast_records=config["fail_fast_records"],
             num_classes=num_classes,
             train_crop=config["train_crop"],
             area_range=(config["min_crop_area"], 1.0),
@@ -418,8 +588,10 @@ def run(flags_obj) -> dict:
     backup_dir = os.path.join(config["model_dir"], "backup")
     if all_reduce is not None:  # one backup directory per worker: they must not write the same file
         backup_dir = distribute.worker_backup_dir(backup_dir, strategy)
+    backup = training.SafeBackupAndRestore(backup_dir)  # atomic; keeps the last good epoch on NaN
     callbacks = [
-        keras.callbacks.BackupAndRestore(backup_dir),
+        keras.callbacks.TerminateOnNaN(),
+        backup,
         training.ThroughputCallback(batch_schedule.global_batch_size),
         tdata.SkippedRecordsLogger(skipped),
     ]
@@ -444,6 +616,16 @@ def run(flags_obj) -> dict:
             validation_freq=config["eval_every_epochs"],
             verbose=1 if sys.stdout.isatty() else 2,
         )
+        losses = history.history.get("loss", [])
+        if backup.diverged_epoch is not None or not all(v == v and abs(v) != float("inf") for v in losses):
+            epoch = backup.diverged_epoch if backup.diverged_epoch is not None else len(losses) - 1
+            kept = (f"the last good backup (epoch {backup.last_backed_up_epoch}) is kept in {backup_dir}"
+                    if backup.last_backed_up_epoch else "no epoch finished with a finite loss, so there is no backup")
+            raise TrainingDivergedError(
+                f"the training loss became NaN or infinite in epoch {epoch + 1} (--base_lr={config['base_lr']}, "
+                f"peak learning rate {config['base_lr'] * batch_schedule.global_batch_size(0) / 256:g}); training "
+                f"stopped and {kept}. No model.keras or results.json was written. Lower --base_lr or lengthen "
+                "--warmup_epochs; a resume with the same flags would diverge again.")
         # Keras reports the mean of per-replica accuracies; count the exact top-1/top-5 over every evaluation image.
         plain_eval_ds = dataset_fn(batch_schedule.global_batch_size(0), False, tf.distribute.InputContext())
         moving_average = None
@@ -478,6 +660,11 @@ def run(flags_obj) -> dict:
         "wall_seconds": wall,
         "images_per_second": sum(ips) / len(ips) if ips else None,
         "skipped_records": skipped.result(),
+        "skipped_by_reason": skipped.result_by_reason(),
+        "num_eval_expected": data.get("expected_num_eval_examples", data["num_eval_examples"]),
+        "eval_shortfall": data.get("expected_num_eval_examples", data["num_eval_examples"]) - exact["num_examples"],
+        "lost_records": data.get("lost_records", 0),
+        "damaged_files": data.get("damaged_files", []),
         "epochs_run": list(history.epoch),
         "history": history.history,
         "num_train_examples": data["num_train_examples"],
@@ -489,6 +676,10 @@ def run(flags_obj) -> dict:
         "versions": {"tfscale": tfscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                      "python": platform.python_version()},
     }
+    if results["eval_shortfall"]:
+        print(f"WARNING: evaluated {results['num_evaluated']:,} of {results['num_eval_expected']:,} evaluation "
+              f"images ({results['eval_shortfall']:,} missing: skipped or lost records); top-1/top-5 are over the "
+              "evaluated ones only.")
     path = training.write_results(os.path.join(config["model_dir"], "results.json"), results)
     ips_text = f"{results['images_per_second']:,.0f}" if results["images_per_second"] else "n/a"
     print(f"top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f}, {wall:.0f} s wall, {ips_text} images/s "
@@ -506,8 +697,15 @@ def main(_):
         # are counted too (SkippedRecordsLogger's epoch line, one summary at the end) instead of printed.
         with jpeg_messages.LibjpegMessageFilter():
             run(FLAGS)
-    except (ValueError, FileNotFoundError) as e:  # bad flags or data: one clear line, no deep stack trace
+    except (ValueError, FileNotFoundError, TrainingDivergedError) as e:  # one clear line, no deep stack trace
         sys.exit(f"train.py: error: {e}")
+    except Exception as e:  # noqa: BLE001 - only the input pipeline's fail-fast error is rewritten
+        from tfscale.data import integrity
+
+        message = integrity.explain_input_error(e)
+        if message is None:
+            raise
+        sys.exit(f"train.py: error: {message}")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,57 @@ def test_no_recipe_has_no_extra_parameters(resolve):
     assert config["recipe"] is None and config["optimizer"] == "sgd"
     assert config["optimizer_params"] == {} and config["schedule_params"] == {}
     assert config["base_lr"] == 0.4 and config["bn_momentum"] == 0.9
+
+
+# Issue 18, item 6: one validation pass over every flag, before anything is built (the slow end-to-end checks that
+# each fails in seconds and before any training step are in test_train_reliability.py).
+BAD_VALUES = [
+    ("--bn_stats_batches=0", "--bn_stats_batches"),
+    ("--label_smoothing=2", "--label_smoothing"),
+    ("--label_smoothing=-0.1", "--label_smoothing"),
+    ("--batch_schedule=0:32,5:64", "before --epochs=3"),
+    ("--batch_schedule=2:32", "starting at epoch 0"),
+    ("--batch_schedule=0:32,x", "EPOCH:GLOBAL_BATCH"),
+    ("--base_lr=0", "--base_lr"),
+    ("--base_lr=nan", "--base_lr"),
+    ("--momentum=1.5", "--momentum"),
+    ("--weight_decay=-1", "--weight_decay"),
+    ("--lars_eta=0", "--lars_eta"),
+    ("--warmup_epochs=-1", "--warmup_epochs"),
+    ("--warmup_epochs=3", "< --epochs=3"),
+    ("--min_crop_area=0", "--min_crop_area"),
+    ("--central_fraction=1.5", "--central_fraction"),
+    ("--bn_momentum=1.0", "--bn_momentum"),
+    ("--bn_group_size=-1", "--bn_group_size"),
+    ("--image_size=0", "--image_size"),
+    ("--pad_pixels=-1", "--pad_pixels"),
+    ("--num_classes=1", "--num_classes"),
+    ("--steps_per_epoch=0", "--steps_per_epoch"),
+    ("--eval_every_epochs=0", "--eval_every_epochs"),
+    ("--num_replicas=0", "--num_replicas"),
+    ("--devices_per_node=0", "--devices_per_node"),
+    ("--bytes_per_pack=0", "--bytes_per_pack"),
+    ("--grid_shape=2by2", "--grid_shape"),
+    ("--tf_data_service=nowhere", "--tf_data_service"),
+    ("--fail_fast_records=0", "--fail_fast_records"),
+    ("--label_offset=-1", "--label_offset"),
+    ("--seed=-1", "--seed"),
+    ("--image_key=", "--image_key"),
+    ("--model=ResNet 50!", "--model"),
+]
+
+
+@pytest.mark.parametrize("arg, message", BAD_VALUES)
+def test_each_bad_value_is_rejected_by_the_validation_pass(resolve, arg, message):
+    with pytest.raises(ValueError, match=message.replace("-", "\\-").replace(".", "\\.")):
+        resolve("--epochs=3", arg)
+
+
+def test_presets_and_explicit_keys(resolve):
+    config = resolve()
+    assert (config["image_key"], config["label_key"], config["label_offset"]) == (
+        "image/encoded", "image/class/label", 1)
+    config = resolve("--record_keys=tfds")
+    assert (config["image_key"], config["label_key"], config["label_offset"]) == ("image", "label", 0)
+    config = resolve("--record_keys=tfds", "--label_offset=1", "--image_key=jpeg")
+    assert (config["image_key"], config["label_key"], config["label_offset"]) == ("jpeg", "label", 1)

@@ -4,6 +4,7 @@ Callbacks (images/s, BN population statistics), batch-size control (Mikami et al
 run's `results.json`.
 """
 
+from tfscale.training.backup import SafeBackupAndRestore
 from tfscale.training.batch_size_control import BatchSizeSchedule
 from tfscale.training.batch_size_control import fit_with_batch_schedule
 from tfscale.training.bn_statistics import RecomputeBatchNormStatistics
@@ -14,6 +15,7 @@ from tfscale.training.results import write_results
 __all__ = [
     "BatchSizeSchedule",
     "RecomputeBatchNormStatistics",
+    "SafeBackupAndRestore",
     "ThroughputCallback",
     "evaluate_top_k",
     "fit_with_batch_schedule",
