@@ -19,7 +19,7 @@ def test_names_come_from_the_registry_and_tf_builtins():
     from tfscale.distribute import algorithms
 
     assert set(ALGORITHMS) == (set(algorithms.algorithm_names()) | set(algorithms.ALIASES)
-                               | set(strategy_lib.TF_BUILTINS))
+                               | set(strategy_lib.TF_BUILTINS) | {"auto"})
     # The 4 built-in schedules and TF's 3 built-ins are all there.
     assert {"torus", "hierarchical", "halving_doubling", "flat", "ring", "collective"} <= set(ALGORITHMS)
 
@@ -157,3 +157,17 @@ def test_public_surface():
                                 "bytes_per_pack", "compression"]
     assert params["algorithm"].default == "torus"
     assert issubclass(dist.TorusAllReduce, tf.distribute.CrossDeviceOps)
+
+
+def test_auto_on_logical_cpu_devices_picks_one_level_reduction(capsys):
+    from tfscale.distribute import get_cross_device_ops, strategy_handle
+
+    strategy = create_strategy("auto", num_replicas=4)
+    assert isinstance(get_cross_device_ops(strategy), tf.distribute.ReductionToOneDevice)
+    handle = strategy_handle(strategy)
+    assert handle.algorithm == "reduction_to_one_device" and handle.auto_choice is not None
+    assert "all_reduce=auto chose reduction_to_one_device" in capsys.readouterr().out
+    _, out = _replica_all_reduce(strategy, "SUM")
+    assert out[0][-1] == pytest.approx(-3.0 * 10)
+    with pytest.raises(ValueError, match="do not apply to algorithm='auto'"):
+        create_strategy("auto", num_replicas=4, grid_shape="2x2")

@@ -430,3 +430,49 @@ def make_cluster_resolver(info, num_gpus=None):
         num_accelerators=accelerators,
         rpc_layer="grpc",
     )
+
+
+def worker_nodes(workers):
+    """Groups workers into nodes by host: workers whose addresses share a host share a node.
+
+    Args:
+      workers: sequence of ``"host:port"`` strings in rank order (`ClusterInfo.workers`).
+
+    Returns:
+      ``workers_per_node`` (int) if every host runs the same number of workers and each
+      host's workers are contiguous in rank order (what the hierarchical and torus
+      schedules assume), else None. A single host gives ``len(workers)``.
+    """
+    hosts = [w.rsplit(":", 1)[0] for w in workers]
+    runs = []
+    for h in hosts:
+        if runs and runs[-1][0] == h:
+            runs[-1][1] += 1
+        else:
+            runs.append([h, 1])
+    if len({h for h, _ in runs}) != len(runs) or len({c for _, c in runs}) != 1:
+        return None
+    return runs[0][1]
+
+
+def parse_bandwidth(text):
+    """Parses a bandwidth such as ``"400mbit"``, ``"1gbit"``, ``"50MB"`` or ``"125000000"`` into bytes/s.
+
+    Units follow ``tc``: ``kbit``/``mbit``/``gbit`` (bits, powers of 1000) and ``kb``/``mb``/``gb``
+    (bytes); a bare number is bytes per second.
+
+    Returns:
+      float, bytes per second.
+
+    Raises:
+      ValueError: for an unparsable or non-positive value (naming it).
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(bit|b|bps)?\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"Bandwidth {text!r} must look like '400mbit', '1gbit', '50mb' or a number of bytes/s")
+    value = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
+    if match.group(3) in ("bit", "bps"):
+        value /= 8
+    if not value > 0:
+        raise ValueError(f"Bandwidth {text!r} must be > 0")
+    return value

@@ -30,6 +30,8 @@ class StrategyHandle:
         strategy, or None (one process, or MWMS's own all-reduce).
       watchdog: the `tfscale.distribute.CollectiveWatchdog` of a multi-worker strategy
         (pass `callbacks()` to ``fit`` / ``evaluate``), or None.
+      auto_choice: the `tfscale.planning.AutoChoice` when the strategy was built with
+        ``algorithm="auto"`` (the alternatives and their predicted times), else None.
     """
 
     algorithm: str
@@ -37,6 +39,7 @@ class StrategyHandle:
     cross_device_ops: object = None
     all_reduce: object = None
     watchdog: object = None
+    auto_choice: object = None
 
     @property
     def schedule(self):

@@ -93,7 +93,7 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
                                  bytes_per_pack=MULTI_WORKER_BYTES_PER_PACK, compression=None,
                                  timeout_seconds=DEFAULT_TIMEOUT_SECONDS, cluster_resolver=None,
                                  devices_per_worker=None, small_pack_bytes=DEFAULT_SMALL_PACK_BYTES,
-                                 per_collective_timeout=False):
+                                 per_collective_timeout=False, gradient_bytes=None, calibration_file=None):
     """Creates an MWMS whose all-reduce is a registered tfscale schedule (torus by default).
 
     The cluster comes from `cluster_resolver` or else from the environment
@@ -105,7 +105,12 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
     Args:
       algorithm: a name of `tfscale.distribute.algorithms.algorithm_names()` (``"torus"``,
         default; ``"hierarchical"``, ``"halving_doubling"``, ``"flat"``/``"ring"``, or one
-        registered by the user).
+        registered by the user), or ``"auto"``: the cost model (`tfscale.planning.choose_all_reduce`)
+        picks the algorithm and its grid or node size for the cluster's topology (workers
+        whose addresses share a host share a node; `TFSCALE_INTER_NODE_BANDWIDTH`, set by
+        the emulated cluster of `tfscale.launch`, gives the network's bandwidth), every
+        worker the same, and the chief prints the choice and the prediction for each
+        alternative.
       grid_shape: torus grid over all replicas: None (most square), ``"RxC"`` or
         ``(rows, cols)``; ``rows * cols`` must equal ``num_workers * devices_per_worker``.
       devices_per_node: hierarchical only: replicas per node; default one node per worker.
@@ -133,6 +138,10 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         a peer that dies outside ``fit`` / ``evaluate`` (e.g. while variables are
         created) is still reported by TF's coordination service (missed heartbeats),
         but a peer that hangs there is not.
+      gradient_bytes: int > 0 or None, ``"auto"`` only: bytes of one replica's gradients
+        (None: ResNet-50's, 102 MB in float32).
+      calibration_file: str or None, ``"auto"`` only: a calibration JSON of
+        ``scripts/plan_allreduce.py --calibrate`` (None: built-in links).
 
     Returns:
       A `tf.distribute.MultiWorkerMirroredStrategy` with ``num_replicas_in_sync ==
@@ -156,7 +165,13 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
       ...     model.fit(dataset, epochs=..., callbacks=strategy_handle(strategy).callbacks())
     """
     _tf_compat.check_versions()
-    algorithm = algorithms.canonical_name(algorithm)
+    auto = algorithm == "auto"
+    if auto and (grid_shape is not None or devices_per_node is not None):
+        raise ValueError(
+            "Arguments `grid_shape` and `devices_per_node` do not apply to algorithm='auto' (it picks them). "
+            f"Received: grid_shape={grid_shape!r}, devices_per_node={devices_per_node!r}"
+        )
+    algorithm = algorithm if auto else algorithms.canonical_name(algorithm)
     compression = packing.validate_compression(compression)
     timeout_seconds = validation.check_timeout("timeout_seconds", timeout_seconds)
     validation.check_non_negative_int("bytes_per_pack", bytes_per_pack)
@@ -174,13 +189,24 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         if info.source != "TF_CONFIG":
             cluster_resolver = cluster_lib.make_cluster_resolver(info)
     num_gpus = len(tf.config.list_physical_devices("GPU"))
+    per_worker = devices_per_worker or (num_gpus if num_gpus else 1)
+    params, choice = {}, None
+    if auto:
+        addresses = info.workers if info is not None else _addresses(cluster_resolver)
+        choice = _choose(addresses, per_worker, gradient_bytes, calibration_file, bytes_per_pack, compression,
+                         small_pack_bytes)
+        algorithm, params = choice.algorithm, dict(choice.params)
+        grid_shape = params.pop("grid_shape", None)
+        devices_per_node = params.pop("devices_per_node", None)
+        if info is None or info.rank == 0:
+            print(choice.describe(), flush=True)
     # Validate the grid before starting the gRPC server, so a mistake costs nothing.
     if info is not None:
-        per_worker = devices_per_worker or (num_gpus if num_gpus else 1)
         total = info.num_workers * per_worker
         if algorithm == "hierarchical" and devices_per_node is None:
             devices_per_node = per_worker
-        algorithms.build_schedule(algorithm, total, grid_shape=grid_shape, devices_per_node=devices_per_node)
+        algorithms.build_schedule(algorithm, total, grid_shape=grid_shape, devices_per_node=devices_per_node,
+                                  **params)
     use_cpu_devices = devices_per_worker is not None and devices_per_worker > 1 and not num_gpus
     if use_cpu_devices:
         _ensure_cpu_devices(devices_per_worker)
@@ -211,14 +237,42 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         algorithm, local_devices, worker_rank=_worker_rank(resolver), num_workers=workers,
         grid_shape=grid_shape, devices_per_node=devices_per_node, bytes_per_pack=bytes_per_pack,
         compression=compression, timeout_seconds=collective_timeout,
-        key_base=_KEY_STRIDE * _STRATEGIES_CREATED[0], small_pack_bytes=small_pack_bytes,
+        key_base=_KEY_STRIDE * _STRATEGIES_CREATED[0], small_pack_bytes=small_pack_bytes, **params,
     )
     _tf_compat.install_all_reduce(strategy, reducer)
     handle_lib.attach(strategy, handle_lib.StrategyHandle(
         algorithm=algorithm, num_replicas=strategy.num_replicas_in_sync,
         cross_device_ops=_tf_compat.cross_device_ops(strategy), all_reduce=reducer,
-        watchdog=watchdog_lib.CollectiveWatchdog(timeout_seconds)))
+        watchdog=watchdog_lib.CollectiveWatchdog(timeout_seconds), auto_choice=choice))
     return strategy
+
+
+INTER_NODE_BANDWIDTH_ENV = "TFSCALE_INTER_NODE_BANDWIDTH"
+"""Environment variable with the network bandwidth of a node (e.g. ``400mbit``), set by emulated clusters."""
+
+
+def _addresses(cluster_resolver):
+    spec = cluster_resolver.cluster_spec().as_dict()
+    return tuple(spec.get("chief", [])) + tuple(spec.get("worker", []))
+
+
+def _choose(addresses, per_worker, gradient_bytes, calibration_file, bytes_per_pack, compression, small_pack_bytes):
+    """`all_reduce="auto"` across processes: the topology of the cluster, priced by the planner."""
+    from tfscale import planning  # noqa: PLC0415 (pure Python)
+
+    workers_per_node = cluster_lib.worker_nodes(addresses)
+    source = "hosts of the cluster spec"
+    if workers_per_node is None:
+        workers_per_node, source = 1, "hosts not contiguous or uneven: a node per worker"
+    bandwidth = os.environ.get(INTER_NODE_BANDWIDTH_ENV, "").strip()
+    topology = planning.Topology(
+        num_ranks=len(addresses) * per_worker, ranks_per_node=workers_per_node * per_worker, kind="processes",
+        inter_node_bandwidth_bytes_per_s=cluster_lib.parse_bandwidth(bandwidth) if bandwidth else None,
+        source=source)
+    calibration = planning.load_calibration(calibration_file) if calibration_file else None
+    return planning.choose_all_reduce(
+        topology, gradient_bytes or planning.Workload().gradient_bytes, calibration,
+        bytes_per_pack=bytes_per_pack, compression=compression, small_pack_bytes=small_pack_bytes)
 
 
 def use_all_reduce(strategy, all_reduce):

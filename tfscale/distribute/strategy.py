@@ -55,16 +55,17 @@ def algorithm_names(include_builtins=True):
 
     Returns:
       tuple of str: the registry's algorithms (`tfscale.distribute.algorithms`), their
-      aliases (``ring``), ``auto``-free, and TF's built-ins.
+      aliases (``ring``), and (unless `include_builtins` is False) TF's built-ins and
+      ``auto``.
     """
     names = set(algorithms.algorithm_names()) | set(algorithms.ALIASES)
     if include_builtins:
-        names |= set(TF_BUILTINS)
+        names |= set(TF_BUILTINS) | {"auto"}
     return tuple(sorted(names))
 
 
 def _check_algorithm(algorithm):
-    if algorithm in TF_BUILTINS:
+    if algorithm in TF_BUILTINS or algorithm == "auto":
         return algorithm
     try:
         return algorithms.canonical_name(algorithm)
@@ -239,7 +240,7 @@ def _one_process_strategy(devices, cross_device_ops):
 
 def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
                     devices_per_node=None, bytes_per_pack=local.IN_PROCESS_BYTES_PER_PACK,
-                    compression=None, intra_node="reduce_scatter"):
+                    compression=None, intra_node="reduce_scatter", gradient_bytes=None, calibration_file=None):
     """Returns a `tf.distribute.MirroredStrategy` whose gradient all-reduce is `algorithm`.
 
     In a multi-worker environment (`TF_CONFIG`, Open MPI or SLURM variables naming more than
@@ -255,7 +256,11 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
     ``strategy.scope()`` then sums gradients with it.
 
     Args:
-      algorithm: one of `algorithm_names()` (default ``"torus"``).
+      algorithm: one of `algorithm_names()` (default ``"torus"``), or ``"auto"``: the cost
+        model picks the algorithm and its topology parameters for these devices
+        (`tfscale.planning.choose_all_reduce`; on logical CPU devices, which share one
+        memory, TF's ``reduction_to_one_device``), prints its choice with the predicted
+        time of every alternative, and `strategy_handle(strategy).auto_choice` keeps it.
       num_replicas: int >= 1, or None for every GPU (or every logical CPU already
         configured, 1 if none).
       grid_shape: torus only: None (most square), ``"RxC"`` or ``(rows, cols)`` with
@@ -268,6 +273,10 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
       compression: None, ``"fp16"``/``"float16"`` or ``"bf16"``/``"bfloat16"`` (tfscale's
         algorithms only). fp16 overflows to inf above 65504.
       intra_node: hierarchical only: ``"reduce_scatter"`` (default) or ``"reduce"``.
+      gradient_bytes: int > 0 or None, ``"auto"`` only: bytes of one replica's gradients,
+        the message the choice is made for (None: ResNet-50's, 102 MB in float32).
+      calibration_file: str or None, ``"auto"`` only: a calibration JSON written by
+        ``scripts/plan_allreduce.py --calibrate`` (None: built-in links).
 
     Returns:
       A `tf.distribute.MirroredStrategy`; `strategy_handle(strategy)` describes it
@@ -290,10 +299,24 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
     from tfscale.distribute import multi_worker  # noqa: PLC0415
 
     if multi_worker.in_multi_worker_environment():
-        return _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression)
+        return _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression,
+                                      gradient_bytes, calibration_file)
     if bytes_per_pack is None:
         bytes_per_pack = local.IN_PROCESS_BYTES_PER_PACK
     devices = local_devices(num_replicas)
+    choice = None
+    if algorithm == "auto":
+        if grid_shape is not None or devices_per_node is not None:
+            raise ValueError(
+                "Arguments `grid_shape` and `devices_per_node` do not apply to algorithm='auto' (it picks them). "
+                f"Received: grid_shape={grid_shape!r}, devices_per_node={devices_per_node!r}")
+        choice = _choose_in_process(devices, gradient_bytes, calibration_file, bytes_per_pack, compression)
+        print(choice.describe(), flush=True)
+        algorithm = choice.algorithm
+        grid_shape = choice.params.get("grid_shape")
+        devices_per_node = choice.params.get("devices_per_node")
+        if algorithm in TF_BUILTINS:
+            compression = None
     cross_device_ops = create_cross_device_ops(
         algorithm,
         len(devices),
@@ -306,15 +329,32 @@ def create_strategy(algorithm="torus", num_replicas=None, grid_shape=None,
     _LOG.info("tfscale: %s all-reduce over %d devices", algorithm, len(devices))
     strategy = _one_process_strategy(devices, cross_device_ops)
     handle_lib.attach(strategy, handle_lib.StrategyHandle(
-        algorithm=_check_algorithm(algorithm), num_replicas=len(devices), cross_device_ops=cross_device_ops))
+        algorithm=_check_algorithm(algorithm), num_replicas=len(devices), cross_device_ops=cross_device_ops,
+        auto_choice=choice))
     return strategy
 
 
-def _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression):
+def _choose_in_process(devices, gradient_bytes, calibration_file, bytes_per_pack, compression):
+    """`all_reduce="auto"` in one process: logical CPUs share one memory; GPUs and TPU cores have links."""
+    from tfscale import planning  # noqa: PLC0415 (pure Python)
+
+    kind = "shared_memory" if all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices) else "accelerators"
+    topology = planning.Topology(len(devices), len(devices), kind, source="this process's devices")
+    calibration = planning.load_calibration(calibration_file) if calibration_file else None
+    return planning.choose_all_reduce(topology, gradient_bytes or planning.Workload().gradient_bytes, calibration,
+                                      bytes_per_pack=bytes_per_pack, compression=compression)
+
+
+def _multi_worker_strategy(algorithm, grid_shape, devices_per_node, bytes_per_pack, compression,
+                           gradient_bytes=None, calibration_file=None):
     """The multi-process path of `create_strategy` (see there)."""
     from tfscale.distribute import multi_worker  # noqa: PLC0415
 
     name = _check_algorithm(algorithm)
+    if name == "auto":
+        kwargs = {} if bytes_per_pack is None else {"bytes_per_pack": bytes_per_pack}
+        return multi_worker.create_multi_worker_strategy("auto", compression=compression, gradient_bytes=gradient_bytes,
+                                                         calibration_file=calibration_file, **kwargs)
     if name in TF_BUILTINS and name != "collective":
         raise ValueError(
             f"Under a multi-worker cluster `algorithm` must be one of "

@@ -6,6 +6,9 @@ cluster, fits the model's parameters to measured timings, and recommends an algo
 grid. See `docs/scaling.md` and `scripts/plan_allreduce.py`.
 """
 
+from tfscale.planning.auto import AutoChoice
+from tfscale.planning.auto import Topology
+from tfscale.planning.auto import choose_all_reduce
 from tfscale.planning.calibration import CostFit
 from tfscale.planning.calibration import TimingSample
 from tfscale.planning.calibration import fit_alpha_beta_delta
@@ -43,6 +46,7 @@ from tfscale.planning.recommend import scaling_efficiency
 __all__ = [
     "ALGORITHMS",
     "AllReduceCost",
+    "AutoChoice",
     "Cluster",
     "CostFit",
     "Link",
@@ -50,8 +54,10 @@ __all__ = [
     "PlanRow",
     "Preset",
     "TimingSample",
+    "Topology",
     "Workload",
     "allreduce_cost",
+    "choose_all_reduce",
     "cluster_from_dict",
     "fit_alpha_beta_delta",
     "fit_cost_parameters",
