@@ -135,6 +135,8 @@ def define_flags():
     flags.DEFINE_integer("devices_per_node", None, "Devices per node for --all_reduce=hierarchical.")
     flags.DEFINE_integer("bytes_per_pack", None, "Tensor-fusion buffer size in bytes (default: 256 KiB in one "
                          "process, 32 MiB across processes).")
+    flags.DEFINE_string("calibration_file", None, "--all_reduce=auto: a calibration JSON of scripts/plan_allreduce.py "
+                        "--calibrate for the cost model (default: built-in links).")
     flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16", "float16", "bfloat16"],
                       "Wire compression of the all-reduce (sums stay float32): fp16 (= float16) rounds to 2**-11 and "
                       "overflows to inf above 65,504; bf16 (= bfloat16) rounds to 2**-8 with float32's range.")
@@ -480,6 +482,27 @@ def build_optimizer(config, batch_schedule, num_train_examples):
         lars_eta=config["lars_eta"], steps_per_epoch=clock, **config["optimizer_params"])
 
 
+def gradient_bytes(config) -> int:
+    """Bytes of one replica's float32 gradients, for --all_reduce=auto, counted in a child process.
+
+    The model cannot be built here before the strategy: TensorFlow must not start before the CPU is split into
+    logical devices or the multi-worker runtime is configured. A child process builds it on the CPU (a few seconds).
+    With --num_classes unset the class count is that of ImageNet (1000), which only changes the last layer.
+    """
+    import subprocess
+
+    code = ("import sys, numpy as np; from tfscale import models; "
+            "s = models.gradient_shapes(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])); "
+            "print(sum(int(np.prod(x)) for x in s))")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    for key in ("TF_CONFIG", "TFSCALE_DEVICES_PER_WORKER"):
+        env.pop(key, None)
+    num_classes = config["num_classes"] or 1000
+    out = subprocess.run([sys.executable, "-c", code, config["model"], str(num_classes), str(config["image_size"])],
+                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    return 4 * int(out.stdout.strip().splitlines()[-1])
+
+
 def run(flags_obj) -> dict:
     """Trains and evaluates; returns the results written to `<model_dir>/results.json`."""
     config = resolve_config(flags_obj)
@@ -504,6 +527,8 @@ def run(flags_obj) -> dict:
         devices_per_node=config["devices_per_node"],
         bytes_per_pack=config["bytes_per_pack"],
         compression=None if config["compression"] == "none" else config["compression"],
+        gradient_bytes=gradient_bytes(config) if config["all_reduce"] == "auto" else None,
+        calibration_file=config["calibration_file"],
     )
     num_replicas = strategy.num_replicas_in_sync
     all_reduce = getattr(distribute.strategy_handle(strategy), "all_reduce", None)  # set by the multi-worker path
@@ -520,7 +545,8 @@ def run(flags_obj) -> dict:
     if is_chief:
         run_state.write_run_config(config["model_dir"], config)
     print(f"{num_replicas} replicas on {list(strategy.extended.worker_devices)}, all-reduce "
-          f"{config['all_reduce']}")
+          f"{config['all_reduce']}" + (f" ({distribute.strategy_handle(strategy).algorithm})"
+                                        if config["all_reduce"] == "auto" else ""))
     keras.utils.set_random_seed(config["seed"])
     data = prepare_data(config)
     num_classes = data["num_classes"]
@@ -671,6 +697,7 @@ def run(flags_obj) -> dict:
         "num_eval_examples": data["num_eval_examples"],
         "num_classes": num_classes,
         "num_replicas": num_replicas,
+        "all_reduce_algorithm": distribute.strategy_handle(strategy).algorithm,  # what --all_reduce=auto chose
         "devices": list(strategy.extended.worker_devices),
         "config": config,
         "versions": {"tfscale": tfscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
