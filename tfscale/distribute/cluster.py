@@ -456,23 +456,20 @@ def worker_nodes(workers):
 
 
 def parse_bandwidth(text):
-    """Parses a bandwidth such as ``"400mbit"``, ``"1gbit"``, ``"50MB"`` or ``"125000000"`` into bytes/s.
-
-    Units follow ``tc``: ``kbit``/``mbit``/``gbit`` (bits, powers of 1000) and ``kb``/``mb``/``gb``
-    (bytes); a bare number is bytes per second.
+    """Parses a node's network bandwidth: bytes/s as a plain number, or a ``tc`` rate (``"400mbit"``).
 
     Returns:
       float, bytes per second.
 
     Raises:
-      ValueError: for an unparsable or non-positive value (naming it).
+      ValueError: for anything else, or a value <= 0 (naming it).
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(bit|b|bps)?\s*", str(text).lower())
-    if not match:
-        raise ValueError(f"Bandwidth {text!r} must look like '400mbit', '1gbit', '50mb' or a number of bytes/s")
-    value = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
-    if match.group(3) in ("bit", "bps"):
-        value /= 8
+    from tfscale import emulated  # noqa: PLC0415 (no TensorFlow)
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return emulated.parse_rate(text, "bandwidth")[1]
     if not value > 0:
-        raise ValueError(f"Bandwidth {text!r} must be > 0")
+        raise ValueError(f"Argument `bandwidth` must be > 0 bytes/s. Received: bandwidth={text!r}")
     return value
