@@ -39,6 +39,7 @@ docs/benchmarks_multiworker.md.
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,13 +53,18 @@ from tfscale.planning import timing
 # "torus_rs" is the torus with small_pack_bytes=0.
 from tfscale.distribute import algorithms as _algorithms  # noqa: E402
 
-ALGORITHMS = ("default", *_algorithms.algorithm_names(), "torus_rs")
+ALGORITHMS = ("default", *_algorithms.algorithm_names(), "torus_rs", "auto")
 CASES = ("small", "large")
 
 
 def define_flags():
     """Defines the command-line flags."""
-    flags.DEFINE_list("num_workers", ["2", "4", "8"], "Worker process counts to benchmark.")
+    flags.DEFINE_list("num_workers", ["2", "4", "8"], "Worker process counts to benchmark on loopback (one node).")
+    flags.DEFINE_list("topologies", [], "Emulated multi-node clusters to benchmark, each NODESxWORKERS@RATE, e.g. "
+                      "2x4@400mbit (python -m tfscale.launch --nodes 2 --workers_per_node 4 "
+                      "--inter_node_bandwidth 400mbit; needs root or CAP_NET_ADMIN).")
+    flags.DEFINE_integer("nodes", 1, "Internal (worker): nodes of the emulated cluster.")
+    flags.DEFINE_integer("workers_per_node", 0, "Internal (worker): workers per node of the emulated cluster.")
     flags.DEFINE_list("algorithms", list(ALGORITHMS),
                       f"Subset of {list(ALGORITHMS)}; torus_rs is the torus with small_pack_bytes=0 "
                       "(reduce-scatter / all-reduce / all-gather for every pack).")
@@ -71,7 +77,8 @@ def define_flags():
     flags.DEFINE_integer("small_num_tensors", 200, "Tensors in the small case.")
     flags.DEFINE_integer("small_tensor_size", 1000, "float32 elements per small tensor.")
     flags.DEFINE_integer("bytes_per_pack", 32 * 1024 * 1024, "tfscale fusion threshold in bytes.")
-    flags.DEFINE_integer("devices_per_node", 2, "Processes per node for `hierarchical`.")
+    flags.DEFINE_integer("devices_per_node", 2, "Processes per node for `hierarchical` on loopback (an emulated "
+                         "cluster uses its own node size, and the torus its nodes as rows).")
     flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "Wire compression for tfscale.")
     flags.DEFINE_float("timeout_seconds", 120.0, "Collective timeout in seconds.")
     flags.DEFINE_float("launch_timeout_seconds", 580.0, "Limit for one worker count's run, seconds.")
@@ -106,10 +113,14 @@ def run_worker(flags_obj):
     num_workers = base.num_workers
     device = strategy.extended.worker_devices[0]
     reducers = {"default": None}
-    for i, name in enumerate(a for a in flags_obj.algorithms if a != "default"):
+    emulated = flags_obj.nodes > 1
+    for i, name in enumerate(a for a in flags_obj.algorithms if a not in ("default", "auto")):
         kwargs = {}
         if name == "hierarchical":
-            kwargs["devices_per_node"] = min(flags_obj.devices_per_node, num_workers)
+            kwargs["devices_per_node"] = (flags_obj.workers_per_node if emulated
+                                          else min(flags_obj.devices_per_node, num_workers))
+        if name in ("torus", "torus_rs") and emulated:
+            kwargs["grid_shape"] = (flags_obj.nodes, flags_obj.workers_per_node)  # rows = nodes
         kwargs["small_pack_bytes"] = 0 if name == "torus_rs" else flags_obj.small_pack_bytes
         reducers[name] = collective.MultiWorkerAllReduce(
             name.replace("_rs", ""), base.local_devices, base.worker_rank, num_workers,
@@ -118,8 +129,25 @@ def run_worker(flags_obj):
         )
 
     results = {}
-    for case in flags_obj.cases:
+    for case_index, case in enumerate(flags_obj.cases):
         shapes = _case_shapes(flags_obj, case)
+        auto_label = None
+        if "auto" in flags_obj.algorithms:  # The cost model picks for this topology and this message size.
+            from tfscale.distribute import cluster as cluster_lib
+            from tfscale.distribute import multi_worker
+
+            info = cluster_lib.cluster_from_environment()
+            choice = multi_worker._choose(  # pylint: disable=protected-access
+                info.workers, 1, 4 * int(sum(np.prod(x) for x in shapes)), None, flags_obj.bytes_per_pack,
+                compression, flags_obj.small_pack_bytes)
+            auto_label = choice.alternatives[0][0]
+            if base.worker_rank == 0:
+                print(f"[{case}] " + choice.describe(), flush=True)
+            reducers["auto"] = collective.MultiWorkerAllReduce(
+                choice.algorithm, base.local_devices, base.worker_rank, num_workers,
+                bytes_per_pack=flags_obj.bytes_per_pack, compression=compression,
+                timeout_seconds=flags_obj.timeout_seconds, key_base=(90 + case_index) * 1_000_000,
+                small_pack_bytes=flags_obj.small_pack_bytes, **choice.params)
         rng = np.random.RandomState(base.worker_rank)
         with tf.device(device):
             grads = [tf.Variable(rng.standard_normal(s).astype("float32"), trainable=False) for s in shapes]
@@ -150,22 +178,24 @@ def run_worker(flags_obj):
             "median_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
             "all_ms": {n: [1e3 * x for x in t] for n, t in times.items()},
             "max_abs_diff_vs_first": {n: abs(v - ref) for n, v in check.items()},
+            "auto_choice": auto_label,
         }
         del grads
     if base.worker_rank == 0 and flags_obj.worker_output:
         with open(flags_obj.worker_output, "w") as f:
-            json.dump({"num_workers": num_workers, "cases": results}, f, indent=1)
+            json.dump({"num_workers": num_workers, "nodes": flags_obj.nodes, "cases": results,
+                       "topology": os.environ.get("TFSCALE_TOPOLOGY", str(num_workers))}, f, indent=1)
     return results
 
 
 def _table(all_results, algorithms):
     others = [a for a in algorithms if a != "default"]
-    head = ["workers", "case", *[f"{a} (ms)" for a in algorithms], *[f"{a}/default" for a in others]]
+    head = ["workers (or nodes x workers @ card)", "case", *[f"{a} (ms)" for a in algorithms], *[f"{a}/default" for a in others]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in all_results:
         for case, r in res["cases"].items():
             med = r["median_ms"]
-            cells = [str(res["num_workers"]), case, *[f"{med[a]:.1f}" for a in algorithms]]
+            cells = [str(res.get("topology", res["num_workers"])), case, *[f"{med[a]:.1f}" for a in algorithms]]
             if "default" in med:
                 cells += [f"{med[a] / med['default']:.2f}" for a in others]
             lines.append("| " + " | ".join(cells) + " |")
@@ -191,19 +221,33 @@ def run(flags_obj):
         f"--compression={flags_obj.compression}", f"--timeout_seconds={flags_obj.timeout_seconds}",
         f"--small_pack_bytes={flags_obj.small_pack_bytes}",
     ]
-    for n in [int(v) for v in flags_obj.num_workers]:
-        worker_output = os.path.join(out_dir, f"benchmark_allreduce_multiworker_{n}w.json")
+    runs = [(str(n), int(n), 1, None) for n in flags_obj.num_workers]
+    for topology in flags_obj.topologies:
+        match = re.fullmatch(r"(\d+)x(\d+)@(\S+)", topology)
+        if not match or int(match.group(1)) < 2 or int(match.group(2)) < 1:
+            raise ValueError(f"Flag --topologies must list NODESxWORKERS@RATE with >= 2 nodes, e.g. 2x4@400mbit. "
+                             f"Received: {topology!r}")
+        nodes, per_node = int(match.group(1)), int(match.group(2))
+        runs.append((topology, nodes * per_node, nodes, (per_node, match.group(3))))
+    for label, n, nodes, emulation in runs:
+        worker_output = os.path.join(out_dir, f"benchmark_allreduce_multiworker_{label.replace('@', '_')}.json")
         if os.path.exists(worker_output):
             os.remove(worker_output)
-        cmd = [sys.executable, "-m", "tfscale.launch", "--num_workers", str(n),
+        launch_flags = ["--num_workers", str(n)]
+        worker_flags = []
+        if emulation is not None:
+            launch_flags += ["--nodes", str(nodes), "--workers_per_node", str(emulation[0]),
+                             "--inter_node_bandwidth", emulation[1]]
+            worker_flags = [f"--nodes={nodes}", f"--workers_per_node={emulation[0]}"]
+        cmd = [sys.executable, "-m", "tfscale.launch", *launch_flags,
                "--timeout_seconds", str(flags_obj.launch_timeout_seconds), "--",
                sys.executable, os.path.abspath(__file__), "--role=worker",
-               f"--worker_output={worker_output}", *passthrough]
-        print(f"== {n} workers: {' '.join(cmd)}", flush=True)
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+               f"--worker_output={worker_output}", *passthrough, *worker_flags]
+        print(f"== {label}: {' '.join(cmd)}", flush=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TFSCALE_TOPOLOGY=label)
         code = subprocess.call(cmd, env=env, timeout=flags_obj.launch_timeout_seconds + 60)
         if code != 0 or not os.path.exists(worker_output):
-            raise RuntimeError(f"The {n}-worker run failed with exit code {code}; see its output above.")
+            raise RuntimeError(f"The {label} run failed with exit code {code}; see its output above.")
         with open(worker_output) as f:
             all_results.append(json.load(f))
     table = _table(all_results, list(flags_obj.algorithms))
