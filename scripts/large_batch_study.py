@@ -159,6 +159,7 @@ def define_flags():
     flags.DEFINE_float("estimate_eval_seconds", 5.0, "Seconds of one validation pass, for the estimate.")
     flags.DEFINE_float("estimate_cell_overhead_seconds", 60.0, "Seconds per cell outside the epochs (start-up, "
                        "tracing, the final exact evaluation, saving), for the estimate.")
+    _STUDY_FLAGS[:] = sorted(set(FLAGS) - before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
