@@ -167,6 +167,9 @@ def define_flags():
     flags.DEFINE_integer("eval_every_epochs", 4, "Evaluate every N epochs, as MLPerf does every 4 (and always at "
                          "the end).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_float("startup_timeout", 300.0,
+                       "Multi-worker: seconds for every worker of the cluster to join; after that this worker names "
+                       "the workers that did not answer and exits with code 3 (0 disables).")
     flags.DEFINE_bool("allow_config_change", False,
                       "Resume a run in --model_dir even though training-relevant flags differ from the stored "
                       "run_config.json (the differences are printed).")
@@ -282,6 +285,8 @@ def validate_config(config) -> None:
     for key in ("global_batch_size", "epochs", "num_replicas", "eval_every_epochs", "image_size",
                 "bn_stats_batches", "fail_fast_records"):
         _check(config[key] >= 1, key, config[key], ">= 1")
+    _check(finite(config["startup_timeout"]) and config["startup_timeout"] >= 0, "startup_timeout",
+           config["startup_timeout"], ">= 0 seconds (0 disables)")
     for key in ("num_classes", "steps_per_epoch", "devices_per_node", "bytes_per_pack"):
         _check(config[key] is None or config[key] >= 1, key, config[key], ">= 1 (or unset)")
     _check(config["num_classes"] is None or config["num_classes"] >= 2, "num_classes", config["num_classes"],
@@ -520,6 +525,10 @@ def run(flags_obj) -> dict:
     from tfscale import models
     from tfscale import training
 
+    from tfscale import launch
+
+    # MultiWorkerMirroredStrategy() waits for every worker without a timeout: name the missing ones instead.
+    startup = launch.StartupWatchdog(config["startup_timeout"]).start()
     strategy = distribute.create_strategy(
         algorithm=config["all_reduce"],
         num_replicas=config["num_replicas"],
@@ -530,6 +539,7 @@ def run(flags_obj) -> dict:
         gradient_bytes=gradient_bytes(config) if config["all_reduce"] == "auto" else None,
         calibration_file=config["calibration_file"],
     )
+    startup.stop()
     num_replicas = strategy.num_replicas_in_sync
     all_reduce = getattr(distribute.strategy_handle(strategy), "all_reduce", None)  # set by the multi-worker path
     is_chief = all_reduce is None or all_reduce.worker_rank == 0

@@ -272,3 +272,28 @@ def test_a_worker_that_never_starts_stops_the_job_within_the_startup_timeout(tmp
     assert proc.returncode == launch.EXIT_STARTUP_TIMEOUT, out
     assert "start-up timeout: worker 1 (pid" in out and "worker 0 (pid" not in out.split("start-up timeout")[1]
     assert seconds < 30, out
+
+
+def test_worker_side_startup_watchdog_names_the_missing_worker(tmp_path):
+    """Item 4, without the launcher (mpirun, SLURM): worker 0 blocks at start-up (as in
+    MultiWorkerMirroredStrategy()) while worker 1 never starts; the watchdog names worker 1 and exits."""
+    free = launch.find_free_ports(2)
+    script = (
+        "import json, os, socket, time\n"
+        "from tfscale import launch\n"
+        f"os.environ['TF_CONFIG'] = json.dumps({{'cluster': {{'worker': ['127.0.0.1:{free[0]}', "
+        f"'127.0.0.1:{free[1]}']}}, 'task': {{'type': 'worker', 'index': 0}}}})\n"
+        f"server = socket.socket(); server.bind(('0.0.0.0', {free[0]})); server.listen(4)\n"
+        "launch.StartupWatchdog(2).start()\n"
+        "time.sleep(60)  # stands for the blocked strategy creation\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == launch.EXIT_STARTUP_TIMEOUT, proc.stderr
+    assert f"not reachable: worker 1 (127.0.0.1:{free[1]})" in proc.stderr
+    assert time.monotonic() - start < 30
+    stopped = launch.StartupWatchdog(1, environ={"TF_CONFIG": json.dumps(
+        {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}})},
+        exit_fn=lambda code: pytest.fail("the stopped watchdog fired")).start()
+    stopped.stop()
+    time.sleep(1.5)

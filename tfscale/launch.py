@@ -50,6 +50,7 @@ __all__ = [
     "EXIT_STARTUP_TIMEOUT",
     "ISOLATION_MODES",
     "LaunchError",
+    "StartupWatchdog",
     "find_free_ports",
     "check_ports_free",
     "worker_environments",
@@ -134,6 +135,86 @@ def check_ports_free(ports, host=""):
             ) from None
         finally:
             sock.close()
+
+
+class StartupWatchdog:
+    """The worker-side half of the start-up timeout: exits the process when the cluster does not form in time.
+
+    `MultiWorkerMirroredStrategy()` blocks until every worker of ``TF_CONFIG`` has joined, with no timeout, and
+    TensorFlow ignores SIGTERM meanwhile. Started before the strategy is created and stopped right after, this
+    watchdog waits `timeout_seconds`; if it is still running then, it tries one TCP connection (2 s at most) to
+    each other worker's address, prints which workers did not answer, and ends the process with
+    `EXIT_STARTUP_TIMEOUT` (`os._exit`: the main thread is stuck inside TensorFlow). It covers workers started
+    without `tfscale.launch` too (``mpirun``, SLURM, Kubernetes).
+
+    Example:
+      >>> watchdog = StartupWatchdog(300).start()   # a no-op outside a multi-worker environment
+      >>> strategy = tfscale.distribute.create_strategy(...)
+      >>> watchdog.stop()
+
+    Args:
+      timeout_seconds: float > 0, or None / 0 to disable.
+      environ: mapping read for the cluster (``TF_CONFIG``, Open MPI, SLURM); default `os.environ`.
+      out: text stream for the message; default `sys.stderr`.
+      exit_fn: called with the exit code on timeout; default `os._exit`.
+
+    Raises:
+      ValueError: if `timeout_seconds` is negative.
+    """
+
+    def __init__(self, timeout_seconds, environ=None, out=None, exit_fn=None):
+        if timeout_seconds is not None and timeout_seconds < 0:
+            raise ValueError(f"Argument `timeout_seconds` must be > 0, or 0/None to disable. "
+                             f"Received: timeout_seconds={timeout_seconds}")
+        self.timeout_seconds = timeout_seconds or None
+        self._environ = os.environ if environ is None else environ
+        self._out = out
+        self._exit_fn = exit_fn or os._exit
+        self._done = threading.Event()
+        self._thread = None
+
+    def _cluster(self):
+        from tfscale.distribute.cluster import cluster_from_environment
+
+        try:
+            return cluster_from_environment(self._environ)
+        except ValueError:
+            return None
+
+    def start(self):
+        """Starts the timer thread when this process is one worker of several; returns self."""
+        info = self._cluster() if self.timeout_seconds else None
+        if info is not None and len(info.workers) > 1:
+            self._thread = threading.Thread(target=self._watch, args=(info,), daemon=True,
+                                            name="tfscale-startup-watchdog")
+            self._thread.start()
+        return self
+
+    def stop(self):
+        """Stops the timer (the cluster has formed)."""
+        self._done.set()
+
+    def _watch(self, info):
+        if self._done.wait(self.timeout_seconds):
+            return
+        missing = [f"worker {rank} ({address})" for rank, address in enumerate(info.workers)
+                   if rank != info.rank and not _accepts_connection(address)]
+        who = ", ".join(missing) if missing else "no worker refused a connection, but the cluster did not form"
+        out = self._out or sys.stderr
+        out.write(f"[worker {info.rank}] start-up timeout: the cluster did not form within "
+                  f"{self.timeout_seconds:g} s (--startup_timeout); not reachable: {who}. Exiting.\n")
+        out.flush()
+        self._exit_fn(EXIT_STARTUP_TIMEOUT)
+
+
+def _accepts_connection(address, timeout_seconds=2.0):
+    """One TCP connection attempt to a cluster member's ``host:port``; True when accepted."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_seconds):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _visible_gpus(environ):

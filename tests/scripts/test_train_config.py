@@ -112,3 +112,8 @@ def test_presets_and_explicit_keys(resolve):
     assert (config["image_key"], config["label_key"], config["label_offset"]) == ("image", "label", 0)
     config = resolve("--record_keys=tfds", "--label_offset=1", "--image_key=jpeg")
     assert (config["image_key"], config["label_key"], config["label_offset"]) == ("jpeg", "label", 1)
+
+
+def test_startup_timeout_must_not_be_negative(resolve):
+    with pytest.raises(ValueError, match="--startup_timeout"):
+        resolve("--startup_timeout=-1")

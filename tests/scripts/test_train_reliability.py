@@ -159,3 +159,33 @@ def test_truncated_validation_shard_is_named_then_counted_with_a_shortfall_warni
     assert results["num_evaluated"] + results["lost_records"] == 32 and results["lost_records"] > 0
     assert results["eval_shortfall"] == results["lost_records"]
     assert "WARNING: evaluated" in counted.stdout and str(path) in results["damaged_files"][0]
+
+
+_SLEEPING_WORKER_1 = """
+import json, os, sys, time
+if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1:
+    time.sleep(600)  # a worker that never starts
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_starts_ends_the_job_with_a_message_naming_it(tmp_path):
+    """Item 4, the issue's reproduction: worker 1 is a wrapper that sleeps instead of starting; worker 0 (a real
+    train.py, blocked in MultiWorkerMirroredStrategy()) names it and exits within --startup_timeout, and the
+    launcher stops the job."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(_SLEEPING_WORKER_1)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfscale.launch", "--num_workers", "2", "--grace_seconds", "2",
+         "--startup_timeout", "600", "--", sys.executable, str(wrapper), TRAIN, "--startup_timeout=20",
+         f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--warmup_epochs=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "[worker 0] start-up timeout" in out and "not reachable: worker 1 (127.0.0.1:" in out, out[-3000:]
+    assert "worker 0 (pid" in out and "exited with code 3" in out
+    assert seconds < 180, seconds

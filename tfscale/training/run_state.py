@@ -38,7 +38,7 @@ RUN_FILES = (RESULTS_FILE, "model.keras", RUN_CONFIG_FILE, "backup", "logs")
 #: Config keys whose change does not change the training (they may differ on resume).
 NOT_TRAINING_RELEVANT = frozenset({
     "model_dir", "data_dir", "fashion_mnist_source", "tf_data_service", "eval_every_epochs", "fail_fast_records",
-    "on_damaged_file", "bytes_per_pack", "allow_config_change", "overwrite", "recipe_reference",
+    "on_damaged_file", "bytes_per_pack", "allow_config_change", "overwrite", "recipe_reference", "startup_timeout",
 })
 
 
