@@ -258,8 +258,32 @@ def resolve_config(flags_obj) -> dict:
     config["label_key"] = preset_label_key if config["label_key"] is None else config["label_key"]
     if not flags_obj["label_offset"].present:
         config["label_offset"] = preset_offset
+    clamp_warmup(config)
     validate_config(config)
     return config
+
+
+# A warm-up as long as the run or longer (e.g. --epochs=1 with the default 1-epoch warm-up) is cut to this fraction
+# of the training epochs.
+WARMUP_FRACTION_WHEN_CLAMPED = 0.1
+
+
+def clamp_warmup(config) -> None:
+    """Shortens a warm-up that is not shorter than the run, so that short runs (`--epochs=1`) just work.
+
+    With --lr_schedule=warmup_poly or warmup_cosine the warm-up must end before training does; when
+    `config["warmup_epochs"] >= config["epochs"]` it is set to `WARMUP_FRACTION_WHEN_CLAMPED * epochs` and the change
+    is logged (the original value is kept in `config["warmup_epochs_requested"]`).
+    """
+    warmup, epochs = config["warmup_epochs"], config["epochs"]
+    if config["lr_schedule"] not in ("warmup_poly", "warmup_cosine") or not isinstance(warmup, (int, float)) \
+            or not isinstance(epochs, int) or epochs < 1 or warmup < epochs:
+        return
+    config["warmup_epochs_requested"] = warmup
+    config["warmup_epochs"] = WARMUP_FRACTION_WHEN_CLAMPED * epochs
+    logging.warning("--warmup_epochs=%g is not shorter than --epochs=%d: the learning-rate warm-up is shortened to "
+                    "%g epochs (%g of training).", warmup, epochs, config["warmup_epochs"],
+                    WARMUP_FRACTION_WHEN_CLAMPED)
 
 
 def _check(ok, flag, value, expected):

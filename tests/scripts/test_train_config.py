@@ -75,7 +75,6 @@ BAD_VALUES = [
     ("--weight_decay=-1", "--weight_decay"),
     ("--lars_eta=0", "--lars_eta"),
     ("--warmup_epochs=-1", "--warmup_epochs"),
-    ("--warmup_epochs=3", "< --epochs=3"),
     ("--min_crop_area=0", "--min_crop_area"),
     ("--central_fraction=1.5", "--central_fraction"),
     ("--bn_momentum=1.0", "--bn_momentum"),

@@ -1,0 +1,86 @@
+"""Issue 15 through scripts/train.py: short runs just work, a prompt exit, quiet logs, mixed precision, XLA,
+profiling and a preemption-safe resume."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+
+from tfscale import data as tdata
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(REPO, "scripts", "train.py")
+FAST = ["--model=resnet8", "--image_size=28", "--num_replicas=2", "--global_batch_size=16", "--num_classes=10",
+        "--all_reduce=reduction_to_one_device"]
+
+
+def _train(args, timeout=600, cwd=REPO, env=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env or {}))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the script's own default is under test
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    images, labels = tdata.fashion_mnist.load_arrays(split="train")
+    tdata.convert_arrays(images[:512], labels[:512], out, "train", 2, progress=False)
+    tdata.convert_arrays(images[512:576], labels[512:576], out, "validation", 2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resolve():
+    """Returns resolve(*argv) -> train.py's resolved configuration for that command line."""
+    spec = importlib.util.spec_from_file_location("tfscale_train_script_15", TRAIN)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    if "warmup_epochs" not in flags.FLAGS:
+        train.define_flags()
+    else:  # another test module defined them already: this module's copy reads the same flags
+        train._OUR_FLAGS.update(set(flags.FLAGS) - {"verbosity", "v", "logtostderr", "alsologtostderr",
+                                                     "log_dir", "stderrthreshold", "showprefixforinfo",
+                                                     "logger_levels", "only_check_args", "pdb_post_mortem",
+                                                     "pdb", "run_with_pdb", "run_with_profiling", "profile_file",
+                                                     "use_cprofile_for_profiling", "help", "helpshort",
+                                                     "helpfull", "helpxml", "log_dir", "flagfile", "undefok"})
+
+    def _resolve(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train.py", *argv])
+        try:
+            return train.resolve_config(flags.FLAGS)
+        finally:
+            flags.FLAGS.unparse_flags()
+
+    return _resolve
+
+
+# Part 1: short runs just work.
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs=1"], 0.1),  # the default 1-epoch warm-up is as long as the run
+    (["--epochs=3", "--warmup_epochs=5"], 0.3),
+    (["--epochs=3", "--warmup_epochs=2"], 2.0),  # shorter than the run: unchanged
+    (["--epochs=1", "--lr_schedule=constant"], 1.0),  # no warm-up schedule: nothing to clamp
+])
+def test_a_warmup_not_shorter_than_the_run_is_clamped(resolve, argv, expected):
+    config = resolve(*argv)
+    assert config["warmup_epochs"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_one_epoch_with_default_flags_trains(tiny_records, tmp_path):
+    model_dir = str(tmp_path / "run")
+    proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}", "--epochs=1",
+                   "--steps_per_epoch=3", "--num_classes=10", "--model=resnet8", "--image_size=28"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warm-up is shortened to 0.1 epochs" in proc.stderr
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["epochs_run"] == [0] and results["config"]["warmup_epochs"] == pytest.approx(0.1)
