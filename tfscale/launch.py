@@ -4,6 +4,8 @@ Usage::
 
     python -m tfscale.launch --num_workers 4 [--devices_per_worker 2] -- \\
         python scripts/train.py --all_reduce=torus --grid_shape=2x2
+    python -m tfscale.launch --nodes 2 --workers_per_node 4 --inter_node_bandwidth 400mbit -- \\
+        python scripts/train.py --all_reduce=auto       # an emulated 2-node cluster (root)
 
 What it does:
 
@@ -224,7 +226,7 @@ def _visible_gpus(environ):
     return [g.strip() for g in text.split(",") if g.strip()]
 
 
-def worker_environments(ports, devices_per_worker=1, environ=None):
+def worker_environments(ports, devices_per_worker=1, environ=None, hosts=None):
     """Builds each worker's environment: ``TF_CONFIG`` and the device settings.
 
     Args:
@@ -234,6 +236,8 @@ def worker_environments(ports, devices_per_worker=1, environ=None):
         ``len(ports) * devices_per_worker`` GPUs, worker i gets GPUs
         ``[i * devices_per_worker, (i + 1) * devices_per_worker)`` of that list.
       environ: the base environment; default `os.environ`.
+      hosts: None (every worker on 127.0.0.1) or a list of str, worker i's address (the
+        node address of an emulated cluster).
 
     Returns:
       A list of dicts (full environments), one per worker.
@@ -253,7 +257,9 @@ def worker_environments(ports, devices_per_worker=1, environ=None):
             f"CUDA_VISIBLE_DEVICES lists {len(gpus)} GPUs but --num_workers={len(ports)} x "
             f"--devices_per_worker={devices_per_worker} needs {len(ports) * devices_per_worker}."
         )
-    workers = [f"{_HOST}:{port}" for port in ports]
+    if hosts is not None and len(hosts) != len(ports):
+        raise ValueError(f"Argument `hosts` must have one address per port ({len(ports)}). Received: {hosts!r}")
+    workers = [f"{_HOST if hosts is None else hosts[i]}:{port}" for i, port in enumerate(ports)]
     envs = []
     for index in range(len(ports)):
         env = dict(environ)
@@ -336,7 +342,8 @@ def _prepare_isolation(isolation, say):
 
 def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_seconds=10.0,
            timeout_seconds=None, out=None, poll_seconds=0.1, *, isolation="auto",
-           startup_timeout_seconds=DEFAULT_STARTUP_TIMEOUT_SECONDS):
+           startup_timeout_seconds=DEFAULT_STARTUP_TIMEOUT_SECONDS, nodes=None, workers_per_node=None,
+           inter_node_bandwidth=None, intra_node_bandwidth=None):
     """Runs `command` as `num_workers` workers on 127.0.0.1 and waits for them.
 
     Args:
@@ -358,6 +365,15 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
         else prints a warning that the ports are reachable from the network; ``"netns"``
         raises `LaunchError` when the namespace cannot be made; ``"none"`` never isolates
         (and warns).
+      nodes: None (one machine, loopback) or int >= 2: run the workers on an emulated cluster of
+        that many nodes (`tfscale.emulated.EmulatedCluster`: a network namespace per node on a
+        bridge, each node's card shaped to `inter_node_bandwidth`); needs root or
+        ``CAP_NET_ADMIN``. Worker i runs on node ``i // workers_per_node`` and its ``TF_CONFIG``
+        carries that node's address; ``TFSCALE_INTER_NODE_BANDWIDTH`` (bytes/s) tells
+        ``all_reduce="auto"`` the card's speed.
+      workers_per_node: int >= 1 with ``nodes * workers_per_node == num_workers`` (nodes only).
+      inter_node_bandwidth: str, a ``tc`` rate such as ``"400mbit"`` (nodes only, required).
+      intra_node_bandwidth: None (the node's loopback, unshaped) or a ``tc`` rate.
       startup_timeout_seconds: float > 0 or None: a worker still running without a listening
         port (its TensorFlow server) this many seconds after it started is named, and the job
         is stopped with `EXIT_STARTUP_TIMEOUT`. Default 300; None disables the check.
@@ -369,8 +385,8 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
 
     Raises:
       ValueError: if `command` is empty or a numeric argument is out of range.
-      LaunchError: if a port in ``base_port ..`` is in use, or ``isolation="netns"`` is not
-        possible.
+      LaunchError: if a port in ``base_port ..`` is in use, or ``isolation="netns"`` (or an
+        emulated cluster) is not possible; the message says what to do.
     """
     out = sys.stdout if out is None else out
     if not command:
@@ -402,6 +418,13 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
             out.write(f"[launch] {message}\n")
             out.flush()
 
+    if nodes is not None:
+        return _launch_emulated(command, num_workers, devices_per_worker, base_port, grace_seconds,
+                                timeout_seconds, startup_timeout_seconds, out, lock, say, poll_seconds,
+                                nodes, workers_per_node, inter_node_bandwidth, intra_node_bandwidth)
+    if workers_per_node is not None or inter_node_bandwidth is not None or intra_node_bandwidth is not None:
+        raise ValueError("Arguments `workers_per_node`, `inter_node_bandwidth` and `intra_node_bandwidth` need "
+                         "`nodes` (an emulated cluster). Received: nodes=None")
     namespace, why_exposed = _prepare_isolation(isolation, say)
     try:
         if namespace is None:
@@ -427,15 +450,65 @@ def launch(command, num_workers, devices_per_worker=1, base_port=None, grace_sec
             namespace.delete()
 
 
+def _launch_emulated(command, num_workers, devices_per_worker, base_port, grace_seconds, timeout_seconds,
+                     startup_timeout_seconds, out, lock, say, poll_seconds, nodes, workers_per_node,
+                     inter_node_bandwidth, intra_node_bandwidth):
+    """`launch` on an emulated cluster of `nodes` network namespaces (see `tfscale.emulated`)."""
+    from tfscale import emulated
+    from tfscale import netns
+
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 2:
+        raise ValueError(f"Argument `nodes` must be an int >= 2. Received: nodes={nodes!r}")
+    if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int) or workers_per_node < 1:
+        raise ValueError(f"Argument `workers_per_node` must be an int >= 1. Received: workers_per_node={workers_per_node!r}")
+    if nodes * workers_per_node != num_workers:
+        raise ValueError(f"Argument `num_workers`={num_workers} must equal nodes={nodes} x "
+                         f"workers_per_node={workers_per_node}")
+    if inter_node_bandwidth is None:
+        raise ValueError("Argument `inter_node_bandwidth` is required with `nodes`, e.g. '400mbit'. "
+                         "Received: inter_node_bandwidth=None")
+    cluster = emulated.EmulatedCluster(nodes, inter_node_bandwidth, intra_node_bandwidth)  # checks the rates
+    supported, why = netns.namespace_support()
+    if not supported:
+        raise LaunchError(f"--nodes={nodes} needs network namespaces: {why}. Run the launcher as root "
+                          "(e.g. with sudo) or give it CAP_NET_ADMIN, or drop --nodes to run on loopback.")
+    removed = netns.remove_stale_namespaces()
+    if removed:
+        say(f"removed network namespaces left by launchers that no longer run: {removed}")
+    try:
+        cluster.create()
+    except netns.NamespaceError as err:
+        raise LaunchError(f"--nodes={nodes}: could not build the emulated network (nothing was left behind): "
+                          f"{err}") from None
+    try:
+        # Fresh network stacks: every port is free; ports differ inside a node, addresses between nodes.
+        first = 23456 if base_port is None else base_port
+        ports = [first + rank % workers_per_node for rank in range(num_workers)]
+        hosts = [cluster.addresses[rank // workers_per_node] for rank in range(num_workers)]
+        envs = worker_environments(ports, devices_per_worker, hosts=hosts)
+        for env in envs:
+            env["TFSCALE_INTER_NODE_BANDWIDTH"] = repr(cluster.inter_node_bytes_per_s)
+        say(cluster.describe())
+        say(f"starting {num_workers} workers ({workers_per_node} per node) on "
+            f"{', '.join(f'{h}:{p}' for h, p in zip(hosts, ports))}: {' '.join(command)}")
+        commands = [cluster.wrap(rank // workers_per_node, command) for rank in range(num_workers)]
+        return _run_workers(commands, envs, ports, grace_seconds, timeout_seconds, startup_timeout_seconds, out,
+                            lock, say, poll_seconds)
+    finally:
+        cluster.delete()
+
+
 def _run_workers(command, envs, ports, grace_seconds, timeout_seconds, startup_timeout_seconds, out, lock,
                  say, poll_seconds):
+    """Runs the workers; `command` is one command for all, or a list of one command per worker."""
     num_workers = len(envs)
     procs, pumps = [], []
     first_failure = None
     try:
+        per_worker = command if command and isinstance(command[0], (list, tuple)) else [command] * len(envs)
         for rank, env in enumerate(envs):
             proc = subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                per_worker[rank], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
             procs.append(proc)
@@ -525,7 +598,16 @@ def _parse_args(argv):
                     "(in a private network namespace when possible).",
         epilog="Example: python -m tfscale.launch --num_workers 4 -- python scripts/train.py --all_reduce=torus",
     )
-    parser.add_argument("--num_workers", type=int, required=True, help="number of worker processes (>= 1)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="number of worker processes (>= 1); default --nodes x --workers_per_node")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="run on an emulated cluster of this many nodes (network namespaces on a bridge; "
+                             "needs root or CAP_NET_ADMIN)")
+    parser.add_argument("--workers_per_node", type=int, default=None, help="workers per emulated node")
+    parser.add_argument("--inter_node_bandwidth", default=None,
+                        help="each emulated node's network card, a tc rate such as 400mbit or 1gbit")
+    parser.add_argument("--intra_node_bandwidth", default=None,
+                        help="shape traffic inside an emulated node too (a tc rate); default: loopback speed")
     parser.add_argument("--devices_per_worker", type=int, default=1,
                         help="replicas per worker (GPUs are split between workers); default 1")
     parser.add_argument("--base_port", type=int, default=None,
@@ -546,6 +628,10 @@ def _parse_args(argv):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given; put it after '--', e.g. -- python scripts/train.py")
+    if args.num_workers is None:
+        if args.nodes is None or args.workers_per_node is None:
+            parser.error("--num_workers is required (or --nodes and --workers_per_node)")
+        args.num_workers = args.nodes * args.workers_per_node
     return args, command
 
 
@@ -562,7 +648,9 @@ def main(argv=None):
             command, args.num_workers, devices_per_worker=args.devices_per_worker,
             base_port=args.base_port, grace_seconds=args.grace_seconds,
             timeout_seconds=args.timeout_seconds, isolation=args.isolation,
-            startup_timeout_seconds=args.startup_timeout or None,
+            startup_timeout_seconds=args.startup_timeout or None, nodes=args.nodes,
+            workers_per_node=args.workers_per_node, inter_node_bandwidth=args.inter_node_bandwidth,
+            intra_node_bandwidth=args.intra_node_bandwidth,
         )
     except (LaunchError, ValueError) as err:
         sys.stderr.write(f"[launch] error: {err}\n")

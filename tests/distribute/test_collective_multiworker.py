@@ -44,10 +44,10 @@ def _communicate(proc, timeout):
         pytest.fail(f"command did not finish within {timeout} s:\n{out[-4000:]}")
 
 
-def _launch(worker_args, out_dir, num_workers=2, devices_per_worker=1, timeout=240):
+def _launch(worker_args, out_dir, num_workers=2, devices_per_worker=1, timeout=240, launch_args=()):
     """Runs mw_worker.py under the launcher; returns (exit code, output)."""
     cmd = [
-        sys.executable, "-m", "tfscale.launch", "--num_workers", str(num_workers),
+        sys.executable, "-m", "tfscale.launch", "--num_workers", str(num_workers), *launch_args,
         "--devices_per_worker", str(devices_per_worker), "--timeout_seconds", str(timeout - 30),
         "--grace_seconds", "5", "--", sys.executable, WORKER, "--out_dir", str(out_dir), *worker_args,
     ]
@@ -285,3 +285,24 @@ def test_launcher_reports_death_and_rerun_resumes(tmp_path):
     epochs = [int(e) for e in open(tmp_path / "mw" / "epochs_rank0.txt").read().split()]
     assert epochs == [0, 1, 1, 2], epochs  # Run 1: 0, 1 (died); run 2 restarts at 1: lost < 1 epoch.
     _check_fit(tmp_path / "mw", 2, _reference_fit(tmp_path / "ref", ["--epochs", "3"]))
+
+
+_NETNS_OK, _NETNS_WHY = __import__("tfscale.netns", fromlist=["netns"]).namespace_support()
+
+
+@pytest.mark.skipif(not _NETNS_OK, reason=f"network namespaces unavailable: {_NETNS_WHY}")
+@pytest.mark.parametrize("args", [
+    pytest.param(["--algorithm", "hierarchical", "--devices_per_node", "2"], id="hierarchical"),
+    pytest.param(["--algorithm", "torus", "--grid_shape", "2x2"], id="torus", marks=pytest.mark.slow),
+    pytest.param(["--algorithm", "flat"], id="flat", marks=pytest.mark.slow),
+    pytest.param(["--algorithm", "halving_doubling", "--small_pack_bytes", "0"], id="halving_doubling",
+                 marks=pytest.mark.slow),
+    pytest.param(["--algorithm", "auto"], id="auto", marks=pytest.mark.slow),
+])
+def test_allreduce_on_an_emulated_two_node_cluster(tmp_path, args):
+    """2 nodes x 2 workers in network namespaces joined by 1 Gbit/s shaped links: the sums still match numpy."""
+    code, out = _launch(["--mode", "allreduce", *args], tmp_path, num_workers=4,
+                        launch_args=["--nodes", "2", "--workers_per_node", "2", "--inter_node_bandwidth", "1gbit"])
+    assert code == 0, out[-4000:]
+    assert "emulated cluster of 2 nodes" in out
+    assert _check_allreduce(tmp_path, 4, 1) < 1e-6
