@@ -210,3 +210,28 @@ def test_planner_phases_are_the_executed_schedule(cpu_devices):
     cost = planning.torus_allreduce_cost(planning.Cluster(8, 4, link, link), 1e6, (2, 4))
     assert cost.phases == tuple(p.describe() for p in executed.phases)
     assert cost.num_launches == len(executed.phases) == 3
+
+
+@pytest.mark.parametrize("compression, unit", [("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8)])
+@pytest.mark.parametrize("name", ["flat", "torus", "hierarchical", "halving_doubling"])
+def test_in_process_compression_bound(cpu_devices, name, compression, unit):
+    """|S_hat - S| <= (reducing phases + 1) u sum|x|: one rounding on input, one per partial sum sent on, one final."""
+    import tensorflow as tf
+
+    from tfscale.distribute import ScheduledAllReduce
+
+    op = ScheduledAllReduce(name, bytes_per_pack=2048, compression=compression)
+    n = 4
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:n], cross_device_ops=op)
+    roundings = sum(p.kind in algorithms.schedule.REDUCING_KINDS for p in op.schedule(n).phases) + 1
+    arrays = _arrays("float32")
+    out = _all_reduce(strategy, arrays, "float32")
+    worst = 0.0
+    for (a, b), per_replica in zip(arrays, out):
+        contributions = [(a + g * b) for g in range(n)]
+        expected, scale = np.sum(contributions, 0), np.sum(np.abs(contributions), 0)
+        for got in per_replica:
+            err = np.abs(got - expected)
+            assert np.all(err <= roundings * unit * scale + 1e-30), (name, compression, float(np.max(err / scale)))
+            worst = max(worst, float(np.max(err / np.maximum(scale, 1e-30))))
+    assert worst > unit / 16  # The values really travelled in 16 bits.
