@@ -769,6 +769,14 @@ def main(_):
         sys.exit(f"train.py: error: {message}")
 
 
+def main_and_exit(argv):
+    """`main`, then an immediate exit once its output is flushed: the interpreter's own exit waits on tf.data's
+    autotune threads for minutes after the results are written (`tfscale._process.exit_promptly`)."""
+    from tfscale import _process
+
+    _process.run_and_exit_promptly(main, argv)
+
+
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main_and_exit)
