@@ -523,6 +523,7 @@ def write_json_atomic(path: str, obj) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the records from the other users of the machine
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False, default=str)
             f.write("\n")
@@ -1286,7 +1287,9 @@ def _method_section(settings, cells, records, estimate):
               + ", ".join(f"{b}: {s:.0f} s" for b, s in estimate["epoch_seconds_points"])
               + f" ({estimate['epoch_seconds_source']}), interpolated in log2(batch); plus "
               f"{settings.estimate_eval_seconds:g} s per validation and {settings.estimate_cell_overhead_seconds:g} s "
-              "per cell.", ""]
+              "per cell.", "", "| part | cells | estimated hours |", "|---|---|---|"]
+    lines += [f"| {role} | {n} | {seconds / 3600:.1f} |" for role, (n, seconds) in estimate["per_role"].items()]
+    lines.append("")
     if estimate["total_seconds"] > _SIX_HOURS * 1.05 and not settings.quick:
         speed = estimate["total_seconds"] / _SIX_HOURS
         lines += [f"**This grid cannot fit the 6-hour target on the 2-core machine**: it needs about "
@@ -1306,14 +1309,16 @@ def estimate_grid(settings: Settings, cells: list, records_by_id: dict) -> dict:
     points = dict(settings.estimate_epoch_seconds)
     points.update(measured)
     total = remaining = 0.0
-    per_cell = {}
+    per_cell, per_role = {}, {}
     for cell in cells:
         seconds = estimate_cell_seconds(cell, settings, measured)
         per_cell[cell.cell_id] = seconds
+        count, role_seconds = per_role.get(cell.role, (0, 0.0))
+        per_role[cell.role] = (count + 1, role_seconds + seconds)
         total += seconds
         if not is_finished(records_by_id.get(cell.cell_id), cell, settings):
             remaining += seconds
-    return {"total_seconds": total, "remaining_seconds": remaining, "per_cell": per_cell,
+    return {"total_seconds": total, "remaining_seconds": remaining, "per_cell": per_cell, "per_role": per_role,
             "epoch_seconds_points": sorted(points.items()),
             "epoch_seconds_source": ("measured in finished cells where available" if measured else
                                      "--estimate_epoch_seconds")}
@@ -1410,6 +1415,8 @@ def run(flags_obj) -> dict:
               + ", ".join(f"{b}: {s:.0f}" for b, s in estimate["epoch_seconds_points"])
               + f" ({estimate['epoch_seconds_source']}), + {settings.estimate_eval_seconds:g} s per validation, + "
               f"{settings.estimate_cell_overhead_seconds:g} s per cell.")
+        print("By part: " + "; ".join(f"{role} {n} cells {seconds / 3600:.1f} h"
+                                      for role, (n, seconds) in estimate["per_role"].items()))
         return {"cells": [c.cell_id for c in cells], "ran": [], "skipped": [], "failed": [],
                 "estimated_seconds": estimate["total_seconds"], "remaining_seconds": estimate["remaining_seconds"],
                 "doc_path": None}
@@ -1451,7 +1458,8 @@ def run(flags_obj) -> dict:
         print(f"cells: {len(ran)} run, {len(skipped)} skipped (finished), {len(failed)} failed or timed out")
     records = _all_records(settings)
     records_by_id = {r["cell_id"]: r for r in records}
-    write_json_atomic(os.path.join(settings.study_dir, "study.json"), _study_json(settings, cells, records_by_id))
+    if os.path.isdir(settings.study_dir):  # --report_only on a study that never ran creates nothing
+        write_json_atomic(os.path.join(settings.study_dir, "study.json"), _study_json(settings, cells, records_by_id))
     estimate = estimate_grid(settings, cells, records_by_id)
     planned = {c.cell_id for c in cells}
     doc = write_doc(settings, cells, [r for r in records if r["cell_id"] in planned], command, estimate)
@@ -1467,10 +1475,17 @@ def _study_json(settings, cells, records_by_id):
             "cells": {c.cell_id: records_by_id[c.cell_id] for c in cells if c.cell_id in records_by_id}}
 
 
+def _stop(signum, frame):
+    """SIGTERM stops the study like Ctrl-C: the running cell's process group is killed, not orphaned."""
+    del frame
+    sys.exit(128 + signum)
+
+
 def main(_):
+    signal.signal(signal.SIGTERM, _stop)
     try:
         result = run(FLAGS)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # bad flags, or train.py's resolve_config could not run
         sys.exit(f"large_batch_study.py: error: {e}")
     if result["failed"]:
         sys.exit(f"large_batch_study.py: {len(result['failed'])} cell(s) failed or timed out: "
