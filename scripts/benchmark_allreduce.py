@@ -152,9 +152,8 @@ def _build_call(name, devices, variables, flat_variables, bytes_per_pack, compre
         from tfscale import distribute
         from tfscale.distribute import strategy as strategy_lib
 
-        # Own collective key range per strategy (see strategy._one_process_strategy).
-        strategy = strategy_lib._one_process_strategy(  # pylint: disable=protected-access
-            devices, None)
+        # MirroredStrategy's own CollectiveAllReduce, with its own collective key range.
+        strategy = strategy_lib.create_strategy("collective", num_replicas=len(devices))
         op = distribute.get_cross_device_ops(strategy)
     else:
         op = _make_op(name, len(devices), bytes_per_pack, compression)
@@ -248,7 +247,7 @@ def run(flags_obj):
         "algorithms": list(flags_obj.algorithms), "reps": flags_obj.reps,
         "warmup": flags_obj.warmup, "bytes_per_pack": flags_obj.bytes_per_pack,
         "compression": flags_obj.compression,
-        "device_type": strategy_lib._device_type()},  # pylint: disable=protected-access
+        "device_type": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"},
         "load_average": timing.load_average()}
     print(f"load average (1, 5, 15 min) at the end: {out['load_average']}")
     if flags_obj.output_json:

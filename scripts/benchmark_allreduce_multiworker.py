@@ -83,6 +83,8 @@ def define_flags():
     flags.DEFINE_float("timeout_seconds", 120.0, "Collective timeout in seconds.")
     flags.DEFINE_float("launch_timeout_seconds", 580.0, "Limit for one worker count's run, seconds.")
     flags.DEFINE_string("output_json", "runs/benchmark_allreduce_multiworker.json", "Where to write results.")
+    flags.DEFINE_string("report_from", None, "Print the tables (and the cost model's predictions) of an earlier "
+                        "--output_json instead of running anything.")
     flags.DEFINE_enum("role", "driver", ["driver", "worker"], "Internal: driver starts the workers.")
     flags.DEFINE_string("worker_output", "", "Internal: the chief worker's JSON output path.")
 
@@ -202,10 +204,78 @@ def _table(all_results, algorithms):
     return "\n".join(lines)
 
 
+def _predictions(all_results, flags_obj):
+    """The cost model's prediction of every measured cell (tfscale.planning, built-in links).
+
+    Intra-node: the loopback link `tfscale.planning.auto.DEFAULT_INTRA_NODE` (docs/scaling.md's fit at 4
+    processes); between emulated nodes: the shaped card. The same cluster `all_reduce="auto"` prices.
+    """
+    from tfscale import planning
+    from tfscale.distribute import cluster as cluster_lib
+
+    rows = []
+    for res in all_results:
+        topology = str(res.get("topology", res["num_workers"]))
+        n, nodes = res["num_workers"], res.get("nodes", 1)
+        rate = topology.split("@", 1)[1] if "@" in topology else None
+        topo = planning.Topology(n, n // nodes, "processes",
+                                 cluster_lib.parse_bandwidth(rate) if rate else None)
+        cluster = planning.auto.cluster_for(topo)
+        for case, r in res["cases"].items():
+            num_bytes = 4 * r["num_elements"]
+            for name, measured in r["median_ms"].items():
+                kwargs = {"num_packs": planning.num_packs(num_bytes, flags_obj.bytes_per_pack),
+                          "small_pack_bytes": flags_obj.small_pack_bytes}
+                algorithm = name
+                if name == "default":  # MWMS's own: one fused ring all-reduce.
+                    algorithm, kwargs = "flat", {"num_packs": 1}
+                elif name == "auto":
+                    label = r.get("auto_choice") or ""
+                    algorithm = label.split()[0] if label else None
+                    if "grid_shape=" in label:
+                        kwargs["grid_shape"] = tuple(int(v) for v in label.split("grid_shape=(")[1].split(")")[0].split(","))
+                    if "devices_per_node=" in label:
+                        kwargs["devices_per_node"] = int(label.split("devices_per_node=")[1].split(",")[0])
+                    if "inter_node=halving_doubling" in label:
+                        kwargs["inter_node"] = "halving_doubling"
+                elif name in ("torus", "torus_rs"):
+                    algorithm = "torus"
+                    kwargs["grid_shape"] = (nodes, n // nodes) if nodes > 1 else None
+                    if name == "torus_rs":
+                        kwargs["small_pack_bytes"] = 0
+                elif name == "hierarchical":
+                    kwargs["devices_per_node"] = n // nodes if nodes > 1 else min(flags_obj.devices_per_node, n)
+                if algorithm is None:
+                    continue
+                predicted = planning.allreduce_cost(algorithm, cluster, num_bytes, **kwargs).total_s * 1e3
+                rows.append({"topology": topology, "case": case, "algorithm": name, "measured_ms": measured,
+                             "predicted_ms": predicted, "error": (predicted - measured) / measured})
+    return rows
+
+
+def _prediction_table(rows):
+    lines = ["| topology | case | algorithm | measured ms | predicted ms | error |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        flag = " ✗" if abs(r["error"]) > 0.25 else ""
+        lines.append(f"| {r['topology']} | {r['case']} | {r['algorithm']} | {r['measured_ms']:.1f} | "
+                     f"{r['predicted_ms']:.1f} | {r['error']:+.0%}{flag} |")
+    return "\n".join(lines)
+
+
 def run(flags_obj):
     """Driver: runs the workers for each worker count; returns and writes the results."""
     if flags_obj.role == "worker":
         return run_worker(flags_obj)
+    if flags_obj.report_from:
+        with open(flags_obj.report_from) as f:
+            summary = json.load(f)
+        algorithms = [a for a in flags_obj.algorithms if a in summary["results"][0]["cases"][next(
+            iter(summary["results"][0]["cases"]))]["median_ms"]]
+        print(_table(summary["results"], algorithms))
+        print("\npredicted (tfscale.planning, built-in links) vs measured; ✗: error above 25%")
+        print(_prediction_table(_predictions(summary["results"], flags_obj)))
+        print(f"load average when measured: {summary.get('load_average')}")
+        return summary
     unknown = sorted(set(flags_obj.algorithms) - set(ALGORITHMS)) + sorted(set(flags_obj.cases) - set(CASES))
     if unknown:
         raise ValueError(f"Unknown --algorithms/--cases {unknown}; expected {list(ALGORITHMS)} / {list(CASES)}")
@@ -252,10 +322,13 @@ def run(flags_obj):
             all_results.append(json.load(f))
     table = _table(all_results, list(flags_obj.algorithms))
     print(table)
+    predictions = _predictions(all_results, flags_obj)
+    print("\npredicted (tfscale.planning, built-in links) vs measured; ✗: error above 25%")
+    print(_prediction_table(predictions))
     load = timing.load_average()
     print(f"load average (1, 5, 15 min) at the end: {load}")
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": all_results,
-               "table": table, "load_average": load}
+               "table": table, "predictions": predictions, "load_average": load}
     with open(flags_obj.output_json, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
