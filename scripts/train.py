@@ -33,9 +33,9 @@ import sys
 import time
 import warnings
 
-# TensorFlow's C++ INFO lines (e.g. the end-of-sequence notice of every evaluation pass) are noise in a
-# progress log; warnings and errors still show. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TensorFlow's C++ INFO lines (e.g. the end-of-sequence notice of every evaluation pass) and its known-harmless
+# warnings are noise in a progress log: main() keeps them out (tfscale._process.quiet_tensorflow_logs) unless
+# --verbosity is given; real warnings and errors still show.
 # Keras warns "Your input ran out of data" at the end of every pass over a finite dataset of unknown
 # cardinality, which is what the padded evaluation dataset is; the training dataset repeats forever.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -749,6 +749,9 @@ def run(flags_obj) -> dict:
 
 
 def main(_):
+    from tfscale import _process
+
+    _process.quiet_tensorflow_logs(verbose=FLAGS["verbosity"].present)  # before TensorFlow is imported
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep TF's per-step INFO lines out of the progress output
     from tfscale.data import jpeg_messages

@@ -623,6 +623,10 @@ def _parse_args(argv):
     parser.add_argument("--startup_timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_SECONDS,
                         help="seconds a worker has to start its server before the job is stopped (exit 3), "
                              "naming the missing worker; 0 disables; default %(default)g")
+    parser.add_argument("--verbosity", type=int, default=None,
+                        help="show TensorFlow's INFO lines and known-harmless warnings (the cuInit failure of "
+                             "CPU-only machines, oneDNN banners), in the launcher and, through "
+                             "TF_CPP_MIN_LOG_LEVEL=0, in the workers; default: hidden")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -638,6 +642,10 @@ def _parse_args(argv):
 def main(argv=None):
     """Command-line entry point; returns the exit code (see `launch`)."""
     args, command = _parse_args(sys.argv[1:] if argv is None else argv)
+    from tfscale import _process
+
+    # TF_CPP_MIN_LOG_LEVEL=1 (or 0 with --verbosity) reaches every worker through its environment.
+    _process.quiet_tensorflow_logs(verbose=args.verbosity is not None)
 
     def _on_sigterm(signum, frame):  # stop the workers when the launcher itself is stopped
         raise KeyboardInterrupt
