@@ -1287,15 +1287,20 @@ def _method_section(settings, cells, records, estimate):
               + ", ".join(f"{b}: {s:.0f} s" for b, s in estimate["epoch_seconds_points"])
               + f" ({estimate['epoch_seconds_source']}), interpolated in log2(batch); plus "
               f"{settings.estimate_eval_seconds:g} s per validation and {settings.estimate_cell_overhead_seconds:g} s "
-              "per cell.", "", "| part | cells | estimated hours |", "|---|---|---|"]
+              "per cell. The defaults come from the default job on the 2-core machine: 1,246 training images/s at "
+              "batch 256 (README: 639 s for 12 epochs, i.e. about 53 s per epoch with evaluation every 4 epochs) and "
+              "937-1,004 s for 12 epochs at batch 4096 (docs/optimizers.md, on a shared machine). "
+              "`--dry_run` lists every cell, its train.py command and its estimate.", "", "| part | cells | estimated hours |", "|---|---|---|"]
     lines += [f"| {role} | {n} | {seconds / 3600:.1f} |" for role, (n, seconds) in estimate["per_role"].items()]
     lines.append("")
     if estimate["total_seconds"] > _SIX_HOURS * 1.05 and not settings.quick:
         speed = estimate["total_seconds"] / _SIX_HOURS
         lines += [f"**This grid cannot fit the 6-hour target on the 2-core machine**: it needs about "
                   f"{speed:.1f}x the measured training speed (or fewer cells). Shortening E below the baseline's "
-                  "convergence would change the study's meaning; the `--quick` subset (batches 256 and 4096, naive "
-                  "and mlperf, E = 10, 4 cells) is the part that fits in one hour.", ""]
+                  "convergence would change the study's meaning. The `--quick` subset (batches "
+                  f"{' and '.join(QUICK['batches'])}, recipes {' and '.join(QUICK['recipes'])}, E = {QUICK['epochs']}, "
+                  f"{len(QUICK['batches']) * len(QUICK['recipes'])} cells, `docs/large_batch_quick.md`) fits in one "
+                  "hour; `--cells=REGEX` runs a chosen part of the grid first (e.g. `--cells='^b(256|4096)-'`).", ""]
     return lines
 
 
