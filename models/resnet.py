@@ -146,11 +146,14 @@ class _Builder:
         return self.norm_layer(**kwargs)
 
     def dense(self, units, name):
+        # float32 whatever the global policy: under mixed precision the logits (and the softmax of the loss) stay
+        # float32, as Keras's mixed-precision guide recommends.
         return keras.layers.Dense(
             units,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
             kernel_regularizer=self.regularizer,
             name=name,
+            dtype="float32",
         )
 
 

@@ -167,6 +167,10 @@ def define_flags():
     flags.DEFINE_integer("eval_every_epochs", 4, "Evaluate every N epochs, as MLPerf does every 4 (and always at "
                          "the end).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                      "Keras mixed-precision policy: float32, or mixed_* (float32 variables, bfloat16/float16 "
+                      "compute; BN statistics and the logits stay float32). mixed_float16 wraps the optimizer in "
+                      "Keras's dynamic LossScaleOptimizer.")
     flags.DEFINE_float("startup_timeout", 300.0,
                        "Multi-worker: seconds for every worker of the cluster to join; after that this worker names "
                        "the workers that did not answer and exits with code 3 (0 disables).")
@@ -508,7 +512,8 @@ def build_optimizer(config, batch_schedule, num_train_examples):
         warmup_epochs=config["warmup_epochs"], **config["schedule_params"])
     return optimizers.build_optimizer(
         config["optimizer"], schedule, momentum=config["momentum"], weight_decay=config["weight_decay"],
-        lars_eta=config["lars_eta"], steps_per_epoch=clock, **config["optimizer_params"])
+        lars_eta=config["lars_eta"], steps_per_epoch=clock, loss_scale=config.get("dtype") == "mixed_float16",
+        **config["optimizer_params"])
 
 
 def gradient_bytes(config) -> int:
@@ -631,6 +636,8 @@ def run(flags_obj) -> dict:
     eval_ds = strategy.distribute_datasets_from_function(
         functools.partial(dataset_fn, batch_schedule.global_batch_size(0), False))
 
+    # --dtype: the policy every layer built from here on takes (the logits layer and BN keep float32 maths).
+    keras.mixed_precision.set_global_policy(config["dtype"])
     with strategy.scope():
         model = models.build_model(config["model"], num_classes=num_classes, image_size=config["image_size"],
                                    norm_layer=norm_layer(config), input_normalization="imagenet")

@@ -133,6 +133,7 @@ def build_optimizer(
     lars_epsilon=0.0,
     steps_per_epoch=None,
     exclude_from_weight_decay=None,
+    loss_scale=False,
     **params,
 ):
     """Returns the optimizer called `name`, driven by `learning_rate_schedule`.
@@ -158,13 +159,19 @@ def build_optimizer(
         lars_epsilon: float >= 0 (lars only). Defaults to 0.0.
         steps_per_epoch: the epoch clock (rmsprop_warmup only; required there).
         exclude_from_weight_decay: regexes on variable paths; `None` = BN and biases.
+        loss_scale: bool, wrap the optimizer in Keras's dynamic
+            `keras.optimizers.LossScaleOptimizer` (for the `mixed_float16` policy:
+            the loss is scaled up before the gradients are taken and the gradients
+            scaled back down, and skipped, before `update_step` sees them, so LARS's
+            trust ratios and RMSpropWarmup's statistics use the unscaled gradients).
+            Defaults to False.
         **params: other keyword arguments of the optimizer class (e.g.
             `rmsprop_learning_rate`, `blend_center_epochs`, `trust_ratio_form`,
             `global_clipnorm`).
 
     Returns:
-        A `keras.optimizers.Optimizer`. Wrap it in
-        `keras.mixed_precision.LossScaleOptimizer` for float16 training.
+        A `keras.optimizers.Optimizer`; a `keras.optimizers.LossScaleOptimizer`
+        around it with `loss_scale=True`.
 
     Raises:
         ValueError: on an unknown `name` (the message lists the valid names) or a
@@ -178,6 +185,19 @@ def build_optimizer(
         >>> optimizer = build_optimizer(hp["optimizer"], schedule, momentum=hp["momentum"],
         ...     weight_decay=hp["weight_decay"], lars_eta=hp["lars_eta"])
     """
+    optimizer = _build_optimizer(name, learning_rate_schedule, momentum=momentum, weight_decay=weight_decay,
+                                 nesterov=nesterov, lars_eta=lars_eta, lars_epsilon=lars_epsilon,
+                                 steps_per_epoch=steps_per_epoch,
+                                 exclude_from_weight_decay=exclude_from_weight_decay, **params)
+    if loss_scale:
+        import keras
+
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _build_optimizer(name, learning_rate_schedule, *, momentum, weight_decay, nesterov, lars_eta, lars_epsilon,
+                     steps_per_epoch, exclude_from_weight_decay, **params):
     if name == "lars":
         return LARS(
             learning_rate_schedule,
