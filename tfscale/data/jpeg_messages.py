@@ -78,6 +78,12 @@ class LibjpegMessageFilter:
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         read_fd, self._write_fd = os.pipe()
+        try:  # a 1 MiB pipe (Linux F_SETPIPE_SZ): writers never wait on the reader during a long GIL hold
+            import fcntl
+
+            fcntl.fcntl(self._write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except (ImportError, OSError):
+            pass
         os.dup2(self._write_fd, 2)
         os.close(self._write_fd)
         self._thread = threading.Thread(target=self._pump, args=(read_fd,), name="libjpeg-message-filter",
