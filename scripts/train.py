@@ -171,6 +171,14 @@ def define_flags():
                       "Keras mixed-precision policy: float32, or mixed_* (float32 variables, bfloat16/float16 "
                       "compute; BN statistics and the logits stay float32). mixed_float16 wraps the optimizer in "
                       "Keras's dynamic LossScaleOptimizer.")
+    flags.DEFINE_bool("jit_compile", False,
+                      "Compile the training and evaluation steps with XLA (model.compile(jit_compile=True)). Not "
+                      "possible with several devices in one process (MirroredStrategy): use --num_replicas=1, or "
+                      "one device per worker with tfscale.launch. Off: Keras's auto (no XLA on CPU-only machines "
+                      "or under several devices).")
+    flags.DEFINE_string("profile_steps", None,
+                        "START,END: write a TensorBoard profiler trace of training steps START to END (1-based, "
+                        "counted from the start of training in this process) to <model_dir>/logs.")
     flags.DEFINE_float("startup_timeout", 300.0,
                        "Multi-worker: seconds for every worker of the cluster to join; after that this worker names "
                        "the workers that did not answer and exits with code 3 (0 disables).")
@@ -290,6 +298,41 @@ def clamp_warmup(config) -> None:
                     WARMUP_FRACTION_WHEN_CLAMPED)
 
 
+def profile_steps(config):
+    """Returns --profile_steps as a `(start, end)` pair of 1-based step numbers, 0 when unset (Keras's TensorBoard
+    `profile_batch`), or None when the value is malformed."""
+    import re
+
+    text = config.get("profile_steps")
+    if text is None:
+        return 0
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", str(text))
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_jit_compile(config, strategy) -> None:
+    """Fails early, naming the strategy, where --jit_compile cannot run.
+
+    XLA compiles one device's program: under a `MirroredStrategy` with several devices in one process the compiled
+    step reads variables of the other replicas' devices and fails ("Trying to access resource ... located in device
+    CPU:1 from device CPU:0"), and on GPUs XLA would bypass tfscale's all-reduce.
+
+    Raises:
+        ValueError: naming --jit_compile, the strategy and its devices, and what to use instead.
+    """
+    if not config.get("jit_compile"):
+        return
+    devices = list(strategy.extended.worker_devices)
+    if len(devices) > 1:
+        raise ValueError(
+            f"Flag --jit_compile=True cannot run under {type(strategy).__name__} with {len(devices)} devices in one "
+            f"process ({devices}, --all_reduce={config['all_reduce']}): XLA compiles one device's step. Expected "
+            "--num_replicas=1, or one device per worker process (python -m tfscale.launch --num_workers N), or "
+            "--nojit_compile.")
+
+
 def _check(ok, flag, value, expected):
     if not ok:
         raise ValueError(f"Flag --{flag} must be {expected}. Received: --{flag}={value}")
@@ -364,6 +407,8 @@ def validate_config(config) -> None:
                "global batches >= 1")
         _check(starts[-1] < config["epochs"], "batch_schedule", config["batch_schedule"],
                f"phases that start before --epochs={config['epochs']} (a later phase would never run)")
+    _check(config.get("profile_steps") is None or profile_steps(config) is not None, "profile_steps",
+           config.get("profile_steps"), "START,END with 1 <= START <= END, e.g. 10,20")
     data_dir = config["data_dir"]
     _check(data_dir is None or not (os.path.exists(data_dir) and not os.path.isdir(data_dir)), "data_dir",
            repr(data_dir),
@@ -570,6 +615,7 @@ def run(flags_obj) -> dict:
     )
     startup.stop()
     num_replicas = strategy.num_replicas_in_sync
+    check_jit_compile(config, strategy)
     all_reduce = getattr(distribute.strategy_handle(strategy), "all_reduce", None)  # set by the multi-worker path
     is_chief = all_reduce is None or all_reduce.worker_rank == 0
     if all_reduce is not None:
@@ -649,6 +695,8 @@ def run(flags_obj) -> dict:
             # ignore sample weights).
             weighted_metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
                               keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
+            # Off: Keras's "auto" (no XLA on CPU-only machines or under several devices).
+            jit_compile=True if config["jit_compile"] else "auto",
         )
     print(f"Model {model.name}: {model.count_params():,} parameters; batch schedule {batch_schedule}")
 
@@ -666,7 +714,8 @@ def run(flags_obj) -> dict:
     watchdog = distribute.strategy_handle(strategy).callbacks()
     callbacks += watchdog
     if is_chief:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs")))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs"),
+                                                     profile_batch=profile_steps(config)))
 
     # Across processes, a dead worker becomes one clear error naming the collective timeout.
     failures = distribute.explain_worker_failures(strategy) if all_reduce is not None else contextlib.nullcontext()

@@ -117,3 +117,36 @@ def test_the_process_ends_within_5_seconds_of_the_results(tiny_records, tmp_path
              "--steps_per_epoch=2", "--warmup_epochs=0", *FAST])
         assert code == 0 and seconds is not None
         assert seconds < 5.0, f"run {i}: the process ended {seconds:.1f} s after printing its results"
+
+
+# Part 5: XLA and the profiler.
+@pytest.mark.parametrize("value", ["5", "3,1", "0,2", "a,b"])
+def test_bad_profile_steps_are_rejected(resolve, value):
+    with pytest.raises(ValueError, match="--profile_steps"):
+        resolve(f"--profile_steps={value}")
+
+
+def test_profile_steps_parse(resolve):
+    assert resolve("--profile_steps=2,4")["profile_steps"] == "2,4"
+
+
+@pytest.mark.slow
+def test_jit_compile_under_several_devices_is_a_clear_error(tiny_records, tmp_path):
+    proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={tmp_path}", "--jit_compile",
+                   *FAST])
+    assert proc.returncode != 0
+    assert "--jit_compile" in proc.stderr and "MirroredStrategy" in proc.stderr and "2 devices" in proc.stderr
+
+
+@pytest.mark.slow
+def test_jit_compile_on_one_device_trains_and_profile_steps_write_a_trace(tiny_records, tmp_path):
+    model_dir = tmp_path / "run"
+    proc = _train(["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}", "--jit_compile",
+                   "--profile_steps=2,3", "--epochs=1", "--steps_per_epoch=4", "--warmup_epochs=0",
+                   *[a for a in FAST if not a.startswith("--num_replicas")], "--num_replicas=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traces = [os.path.join(d, f) for d, _, files in os.walk(model_dir / "logs") for f in files
+              if f.endswith(".xplane.pb")]
+    assert traces and all(os.path.getsize(t) > 0 for t in traces)
+    with open(model_dir / "results.json") as f:
+        assert json.load(f)["config"]["jit_compile"] is True

@@ -39,6 +39,7 @@ RUN_FILES = (RESULTS_FILE, "model.keras", RUN_CONFIG_FILE, "backup", "logs")
 NOT_TRAINING_RELEVANT = frozenset({
     "model_dir", "data_dir", "fashion_mnist_source", "tf_data_service", "eval_every_epochs", "fail_fast_records",
     "on_damaged_file", "bytes_per_pack", "allow_config_change", "overwrite", "recipe_reference", "startup_timeout",
+    "profile_steps", "jit_compile",
 })
 
 
