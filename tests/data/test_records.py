@@ -89,7 +89,7 @@ def test_writing_is_atomic_and_failure_leaves_nothing(tmp_path):
 
 def test_progress_bar_reports_counts(tmp_path, capsys):
     records.convert_arrays(smooth_images(5, 8, 8), np.arange(5), str(tmp_path), "train", 1, progress=True)
-    assert "5/5" in capsys.readouterr().err
+    assert "5/5" in capsys.readouterr().out  # keras.utils.Progbar, on stdout like Keras's bars
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ class names) is renamed into place last, so a directory that has the metadata ho
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -150,41 +149,32 @@ def metadata_path(output_dir, split):
 
 
 class _Progress:
-    """A one-line text progress bar on stderr (records written, records/s, ETA)."""
+    """The converter's progress: Keras's `keras.utils.Progbar` (records written, time per record, ETA), on stdout
+    like Keras's own progress bars, redrawn at most every 0.2 s."""
 
     def __init__(self, total, desc, enabled=True, stream=None):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.stream = stream or sys.stderr
-        self.start = self.last = time.monotonic()
+        del stream  # Progbar writes where Keras's progress bars do (stdout)
+        self.total, self.enabled = total, enabled
         self.count = 0
-        self.drawn = -1
+        self.last = time.monotonic()
+        self._bar = None
+        if enabled:
+            import keras
+
+            print(desc, flush=True)
+            self._bar = keras.utils.Progbar(total, unit_name="record")
 
     def update(self, n=1):
         self.count += n
         now = time.monotonic()
-        if self.enabled and (now - self.last > 0.5 or self.count == self.total):
+        if self._bar is not None and now - self.last > 0.2 and self.count != self.total:  # close() draws the end
             self.last = now
-            self._draw(now)
-
-    def _draw(self, now):
-        self.drawn = self.count
-        rate = self.count / max(now - self.start, 1e-9)
-        if self.total:
-            frac = self.count / self.total
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            eta = (self.total - self.count) / max(rate, 1e-9)
-            line = f"\r{self.desc} [{bar}] {self.count}/{self.total} {rate:,.0f} rec/s ETA {eta:,.0f}s"
-        else:
-            line = f"\r{self.desc} {self.count} records {rate:,.0f} rec/s"
-        self.stream.write(line)
-        self.stream.flush()
+            self._bar.update(self.count)
 
     def close(self):
-        if self.enabled:
-            if self.drawn != self.count:
-                self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.update(self.count, finalize=True)
+            self._bar = None
 
 
 def write_sharded_records(
