@@ -181,7 +181,8 @@ def define_flags():
                         "counted from the start of training in this process) to <model_dir>/logs.")
     flags.DEFINE_float("startup_timeout", 300.0,
                        "Multi-worker: seconds for every worker of the cluster to join; after that this worker names "
-                       "the workers that did not answer and exits with code 3 (0 disables).")
+                       "the workers that did not answer and is ended (SIGKILL: TF blocks other ways out); 0 "
+                       "disables.")
     flags.DEFINE_bool("allow_config_change", False,
                       "Resume a run in --model_dir even though training-relevant flags differ from the stored "
                       "run_config.json (the differences are printed).")

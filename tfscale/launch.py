@@ -140,14 +140,15 @@ def check_ports_free(ports, host=""):
 
 
 class StartupWatchdog:
-    """The worker-side half of the start-up timeout: exits the process when the cluster does not form in time.
+    """The worker-side half of the start-up timeout: ends the process when the cluster does not form in time.
 
-    `MultiWorkerMirroredStrategy()` blocks until every worker of ``TF_CONFIG`` has joined, with no timeout, and
-    TensorFlow ignores SIGTERM meanwhile. Started before the strategy is created and stopped right after, this
-    watchdog waits `timeout_seconds`; if it is still running then, it tries one TCP connection (2 s at most) to
-    each other worker's address, prints which workers did not answer, and ends the process with
-    `EXIT_STARTUP_TIMEOUT` (`os._exit`: the main thread is stuck inside TensorFlow). It covers workers started
-    without `tfscale.launch` too (``mpirun``, SLURM, Kubernetes).
+    `MultiWorkerMirroredStrategy()` blocks until every worker of ``TF_CONFIG`` has joined, with no timeout, while
+    holding Python's GIL (no Python thread or signal handler runs) and ignoring SIGTERM. So the watchdog is a small
+    helper process (plain Python, no TensorFlow), started before the strategy is created and told to stop right
+    after through a pipe. If `timeout_seconds` pass first, it tries one TCP connection (2 s at most) to each other
+    worker's address, prints which workers did not answer, and kills the blocked worker with SIGKILL (exit status
+    137), so the launcher, ``mpirun`` or SLURM sees it end. If the worker dies first, the pipe closes and the helper
+    exits.
 
     Example:
       >>> watchdog = StartupWatchdog(300).start()   # a no-op outside a multi-worker environment
@@ -157,23 +158,19 @@ class StartupWatchdog:
     Args:
       timeout_seconds: float > 0, or None / 0 to disable.
       environ: mapping read for the cluster (``TF_CONFIG``, Open MPI, SLURM); default `os.environ`.
-      out: text stream for the message; default `sys.stderr`.
-      exit_fn: called with the exit code on timeout; default `os._exit`.
 
     Raises:
       ValueError: if `timeout_seconds` is negative.
     """
 
-    def __init__(self, timeout_seconds, environ=None, out=None, exit_fn=None):
+    def __init__(self, timeout_seconds, environ=None):
         if timeout_seconds is not None and timeout_seconds < 0:
             raise ValueError(f"Argument `timeout_seconds` must be > 0, or 0/None to disable. "
                              f"Received: timeout_seconds={timeout_seconds}")
         self.timeout_seconds = timeout_seconds or None
         self._environ = os.environ if environ is None else environ
-        self._out = out
-        self._exit_fn = exit_fn or os._exit
-        self._done = threading.Event()
-        self._thread = None
+        self._pipe = None
+        self._helper = None
 
     def _cluster(self):
         from tfscale.distribute.cluster import cluster_from_environment
@@ -184,39 +181,53 @@ class StartupWatchdog:
             return None
 
     def start(self):
-        """Starts the timer thread when this process is one worker of several; returns self."""
+        """Starts the helper process when this process is one worker of several; returns self."""
         info = self._cluster() if self.timeout_seconds else None
-        if info is not None and len(info.workers) > 1:
-            self._thread = threading.Thread(target=self._watch, args=(info,), daemon=True,
-                                            name="tfscale-startup-watchdog")
-            self._thread.start()
+        if info is None or len(info.workers) < 2:
+            return self
+        read_end, self._pipe = os.pipe()
+        try:
+            self._helper = subprocess.Popen(
+                [sys.executable, "-c", _STARTUP_HELPER, str(os.getpid()), repr(float(self.timeout_seconds)),
+                 json.dumps(list(info.workers)), str(info.rank)],
+                stdin=read_end, close_fds=True)
+        finally:
+            os.close(read_end)
         return self
 
     def stop(self):
-        """Stops the timer (the cluster has formed)."""
-        self._done.set()
-
-    def _watch(self, info):
-        if self._done.wait(self.timeout_seconds):
-            return
-        missing = [f"worker {rank} ({address})" for rank, address in enumerate(info.workers)
-                   if rank != info.rank and not _accepts_connection(address)]
-        who = ", ".join(missing) if missing else "no worker refused a connection, but the cluster did not form"
-        out = self._out or sys.stderr
-        out.write(f"[worker {info.rank}] start-up timeout: the cluster did not form within "
-                  f"{self.timeout_seconds:g} s (--startup_timeout); not reachable: {who}. Exiting.\n")
-        out.flush()
-        self._exit_fn(EXIT_STARTUP_TIMEOUT)
+        """Stops the helper (the cluster has formed)."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        if self._helper is not None:
+            self._helper.wait(timeout=10)
+            self._helper = None
 
 
-def _accepts_connection(address, timeout_seconds=2.0):
-    """One TCP connection attempt to a cluster member's ``host:port``; True when accepted."""
+# The helper of StartupWatchdog: argv = parent pid, timeout in seconds, JSON list of "host:port", own rank.
+_STARTUP_HELPER = r"""
+import json, os, select, signal, socket, sys
+pid, timeout, workers, rank = int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+if select.select([sys.stdin], [], [], timeout)[0]:
+    sys.exit(0)  # the pipe closed: the cluster formed, or the worker ended
+def accepts(address):
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_seconds):
-            return True
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+        return True
     except (OSError, ValueError):
         return False
+missing = [f"worker {r} ({a})" for r, a in enumerate(workers) if r != rank and not accepts(a)]
+who = ", ".join(missing) or "every worker accepts connections, but the cluster did not form"
+sys.stderr.write(f"[worker {rank}] start-up timeout: the cluster did not form within {timeout:g} s "
+                 f"(--startup_timeout); not reachable: {who}. Stopping this worker (pid {pid}, SIGKILL).\n")
+sys.stderr.flush()
+try:
+    os.kill(pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
 
 
 def _visible_gpus(environ):
