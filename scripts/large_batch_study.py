@@ -295,7 +295,8 @@ def settings_from_flags(flags_obj) -> Settings:
         match = re.fullmatch(r"\s*(\d+)\s*:\s*([0-9.]+)\s*", item)
         if not match or float(match.group(2)) <= 0:
             raise ValueError(f"Flag --estimate_epoch_seconds must be BATCH:SECONDS,... with seconds > 0. "
-                             f"Received: --estimate_epoch_seconds={','.join(flags_obj['estimate_epoch_seconds'].value)}")
+                             "Received: --estimate_epoch_seconds="
+                             f"{','.join(flags_obj['estimate_epoch_seconds'].value)}")
         estimate.append((int(match.group(1)), float(match.group(2))))
     if not estimate:
         raise ValueError("Flag --estimate_epoch_seconds must give at least one BATCH:SECONDS. Received: "
@@ -1290,7 +1291,8 @@ def _method_section(settings, cells, records, estimate):
               "per cell. The defaults come from the default job on the 2-core machine: 1,246 training images/s at "
               "batch 256 (README: 639 s for 12 epochs, i.e. about 53 s per epoch with evaluation every 4 epochs) and "
               "937-1,004 s for 12 epochs at batch 4096 (docs/optimizers.md, on a shared machine). "
-              "`--dry_run` lists every cell, its train.py command and its estimate.", "", "| part | cells | estimated hours |", "|---|---|---|"]
+              "`--dry_run` lists every cell, its train.py command and its estimate.", "",
+              "| part | cells | estimated hours |", "|---|---|---|"]
     lines += [f"| {role} | {n} | {seconds / 3600:.1f} |" for role, (n, seconds) in estimate["per_role"].items()]
     lines.append("")
     if estimate["total_seconds"] > _SIX_HOURS * 1.05 and not settings.quick:
