@@ -146,7 +146,7 @@ class StartupWatchdog:
     holding Python's GIL (no Python thread or signal handler runs) and ignoring SIGTERM. So the watchdog is a small
     helper process (plain Python, no TensorFlow), started before the strategy is created and told to stop right
     after through a pipe. If `timeout_seconds` pass first, it tries one TCP connection (2 s at most) to each other
-    worker's address, prints which workers did not answer, and kills the blocked worker with SIGKILL (exit status
+    worker's address, prints (to stdout) which workers did not answer, and kills the blocked worker with SIGKILL (exit status
     137), so the launcher, ``mpirun`` or SLURM sees it end. If the worker dies first, the pipe closes and the helper
     exits.
 
@@ -220,9 +220,10 @@ def accepts(address):
         return False
 missing = [f"worker {r} ({a})" for r, a in enumerate(workers) if r != rank and not accepts(a)]
 who = ", ".join(missing) or "every worker accepts connections, but the cluster did not form"
-sys.stderr.write(f"[worker {rank}] start-up timeout: the cluster did not form within {timeout:g} s "
+# stdout: the worker's stderr may be a pipe read by a thread of the (blocked) worker itself.
+sys.stdout.write(f"[worker {rank}] start-up timeout: the cluster did not form within {timeout:g} s "
                  f"(--startup_timeout); not reachable: {who}. Stopping this worker (pid {pid}, SIGKILL).\n")
-sys.stderr.flush()
+sys.stdout.flush()
 try:
     os.kill(pid, signal.SIGKILL)
 except ProcessLookupError:
