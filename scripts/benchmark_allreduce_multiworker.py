@@ -83,6 +83,7 @@ def define_flags():
     flags.DEFINE_float("timeout_seconds", 120.0, "Collective timeout in seconds.")
     flags.DEFINE_float("launch_timeout_seconds", 580.0, "Limit for one worker count's run, seconds.")
     flags.DEFINE_string("output_json", "runs/benchmark_allreduce_multiworker.json", "Where to write results.")
+    flags.DEFINE_string("plot", None, "PNG path: the cost model's predicted time against the measured one, per cell.")
     flags.DEFINE_string("report_from", None, "Print the tables (and the cost model's predictions) of an earlier "
                         "--output_json instead of running anything.")
     flags.DEFINE_enum("role", "driver", ["driver", "worker"], "Internal: driver starts the workers.")
@@ -262,6 +263,32 @@ def _prediction_table(rows):
     return "\n".join(lines)
 
 
+def _plot(rows, path):
+    """Predicted against measured time, log-log, one marker per topology (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for topology in sorted({r["topology"] for r in rows}):
+        mine = [r for r in rows if r["topology"] == topology]
+        ax.scatter([r["measured_ms"] for r in mine], [r["predicted_ms"] for r in mine], label=topology, s=18)
+    lo = min(min(r["measured_ms"], r["predicted_ms"]) for r in rows) * 0.8
+    hi = max(max(r["measured_ms"], r["predicted_ms"]) for r in rows) * 1.25
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="exact")
+    ax.fill_between([lo, hi], [0.75 * lo, 0.75 * hi], [1.25 * lo, 1.25 * hi], color="0.85", label="within 25%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured all-reduce time (ms)")
+    ax.set_ylabel("predicted by tfscale.planning (ms)")
+    ax.set_title("All-reduce on emulated clusters: predicted vs measured")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(flags_obj):
     """Driver: runs the workers for each worker count; returns and writes the results."""
     if flags_obj.role == "worker":
@@ -273,8 +300,11 @@ def run(flags_obj):
             iter(summary["results"][0]["cases"]))]["median_ms"]]
         print(_table(summary["results"], algorithms))
         print("\npredicted (tfscale.planning, built-in links) vs measured; ✗: error above 25%")
-        print(_prediction_table(_predictions(summary["results"], flags_obj)))
+        rows = _predictions(summary["results"], flags_obj)
+        print(_prediction_table(rows))
         print(f"load average when measured: {summary.get('load_average')}")
+        if flags_obj.plot:
+            _plot(rows, flags_obj.plot)
         return summary
     unknown = sorted(set(flags_obj.algorithms) - set(ALGORITHMS)) + sorted(set(flags_obj.cases) - set(CASES))
     if unknown:
@@ -325,6 +355,8 @@ def run(flags_obj):
     predictions = _predictions(all_results, flags_obj)
     print("\npredicted (tfscale.planning, built-in links) vs measured; ✗: error above 25%")
     print(_prediction_table(predictions))
+    if flags_obj.plot:
+        _plot(predictions, flags_obj.plot)
     load = timing.load_average()
     print(f"load average (1, 5, 15 min) at the end: {load}")
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": all_results,
