@@ -60,6 +60,9 @@ _EVAL_PATTERN = "validation-*"
 _OUR_FLAGS: set[str] = set()  # the names define_flags() defines
 
 
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by SIGTERM after backing up the current step
+
+
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite (Keras's TerminateOnNaN stopped the run)."""
 
@@ -647,7 +650,7 @@ def run(flags_obj) -> dict:
 
     read_records = data.get("read_records", tdata.imagenet_dataset)  # TFDS sources bring their own reader
 
-    def dataset_fn(global_batch, is_training, ctx):
+    def dataset_fn(global_batch, is_training, ctx, skip_steps=0):
         ds = read_records(
             data["train_file_pattern"] if is_training else data["eval_file_pattern"],
             is_training=is_training,
@@ -673,12 +676,15 @@ def run(flags_obj) -> dict:
         # Keras's label smoothing works on one-hot targets.
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
         if is_training:
-            return ds
+            # A run resumed in the middle of an epoch drops the global steps the interrupted run had used: each
+            # step takes one batch per replica of this input pipeline.
+            return ds.skip(skip_steps * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)) if skip_steps else ds
         local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
         return tdata.pad_eval_batches(ds, ctx.get_per_replica_batch_size(global_batch), local_replicas)
 
-    def make_train_dataset(global_batch):
-        return strategy.distribute_datasets_from_function(functools.partial(dataset_fn, global_batch, True))
+    def make_train_dataset(global_batch, skip_steps=0):
+        return strategy.distribute_datasets_from_function(
+            functools.partial(dataset_fn, global_batch, True, skip_steps=skip_steps))
 
     eval_ds = strategy.distribute_datasets_from_function(
         functools.partial(dataset_fn, batch_schedule.global_batch_size(0), False))
@@ -705,6 +711,12 @@ def run(flags_obj) -> dict:
     if all_reduce is not None:  # one backup directory per worker: they must not write the same file
         backup_dir = distribute.worker_backup_dir(backup_dir, strategy)
     backup = training.SafeBackupAndRestore(backup_dir)  # atomic; keeps the last good epoch on NaN
+    if all_reduce is None:
+        # Preemption: SIGTERM backs up the state at the end of the current step and stops (TrainingPreempted); the
+        # same command resumes at that step. (A multi-worker worker stops at once instead, see above.)
+        import signal
+
+        signal.signal(signal.SIGTERM, backup.request_stop)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         backup,
@@ -821,6 +833,12 @@ def main(_):
     except (ValueError, FileNotFoundError, TrainingDivergedError) as e:  # one clear line, no deep stack trace
         sys.exit(f"train.py: error: {e}")
     except Exception as e:  # noqa: BLE001 - only the input pipeline's fail-fast error is rewritten
+        from tfscale.training import backup as backup_lib
+
+        if isinstance(e, backup_lib.TrainingPreempted):
+            print(f"train.py: preempted (SIGTERM): {e}. Run the same command to resume from that step.",
+                  file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         from tfscale.data import integrity
 
         message = integrity.explain_input_error(e)

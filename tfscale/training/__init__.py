@@ -5,6 +5,7 @@ run's `results.json`.
 """
 
 from tfscale.training.backup import SafeBackupAndRestore
+from tfscale.training.backup import TrainingPreempted
 from tfscale.training.batch_size_control import BatchSizeSchedule
 from tfscale.training.batch_size_control import fit_with_batch_schedule
 from tfscale.training.bn_statistics import RecomputeBatchNormStatistics
@@ -17,6 +18,7 @@ __all__ = [
     "RecomputeBatchNormStatistics",
     "SafeBackupAndRestore",
     "ThroughputCallback",
+    "TrainingPreempted",
     "evaluate_top_k",
     "fit_with_batch_schedule",
     "write_results",

@@ -34,7 +34,22 @@ import keras
 
 from tfscale import _tf_compat
 
-__all__ = ["SafeBackupAndRestore"]
+__all__ = ["SafeBackupAndRestore", "TrainingPreempted"]
+
+
+class TrainingPreempted(Exception):
+    """Training stopped at a step because a stop was requested (SIGTERM); the state is backed up at that step.
+
+    Attributes:
+      epoch: int, the 0-based epoch that was interrupted.
+      step: int, the training steps of that epoch that were done and backed up.
+      backup_dir: str, where the backup is.
+    """
+
+    def __init__(self, epoch, step, backup_dir):
+        super().__init__(f"training stopped by request at epoch {epoch + 1}, step {step}; the state at that step "
+                         f"is backed up in {backup_dir}")
+        self.epoch, self.step, self.backup_dir = epoch, step, backup_dir
 
 
 def _write_json_atomically(path, payload):
@@ -70,9 +85,16 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         never deleted after an epoch with a non-finite loss.
       print_fn: callable taking a str, for the warnings; default `print`.
 
+    Preemption: `request_stop()` (safe to call from a signal handler, e.g. SIGTERM) makes the next training-step
+    end back up the state at that step (metadata ``{"epoch": E, "batch": S}``: epoch E interrupted after S steps) and
+    raise `TrainingPreempted` out of `fit`; no epoch end, evaluation or clean-up runs, and the backup is kept.
+    `fit_with_batch_schedule` resumes such a backup at that step (`resume_step`).
+
     Attributes:
       diverged_epoch: None, or the 0-based epoch whose loss was not finite (that epoch was not backed up).
       last_backed_up_epoch: None, or the number of epochs completed in the newest backup.
+      resume_step: int, the steps of epoch `last_backed_up_epoch` already done in the restored backup (0: the
+        backup is at an epoch boundary).
 
     Raises:
       ValueError: if `backup_dir` is empty.
@@ -84,6 +106,20 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.print_fn = print_fn
         self.diverged_epoch = None
         self.last_backed_up_epoch = None
+        self.resume_step = 0
+        self.step_offset = 0  # steps of the current epoch done before this fit began (a resumed partial epoch)
+        self._stop_requested = False
+        self._epoch = 0
+
+    def request_stop(self, *unused_signal_args):
+        """Asks for a backup at the end of the current training step and a `TrainingPreempted` stop.
+
+        Only sets a flag, so it can be a signal handler: `signal.signal(signal.SIGTERM, backup.request_stop)`.
+        """
+        self._stop_requested = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
     @property
     def weights_path(self):
@@ -99,12 +135,17 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)  # optimizer variables exist before loading
         self.model.load_weights(weights_path)
-        epoch = 0
+        epoch, step = 0, 0
         if os.path.exists(metadata_path):
             with open(metadata_path) as f:
-                epoch = int(json.load(f)["epoch"])
+                meta = json.load(f)
+            epoch, step = int(meta["epoch"]), int(meta.get("batch") or 0)
         _tf_compat.set_resume_epoch(self.model, epoch)
         self.last_backed_up_epoch = epoch
+        self.resume_step = step
+        if step:
+            self.print_fn(f"Resuming epoch {epoch + 1} at step {step + 1} (the backup in {self.backup_dir} was "
+                          f"taken after step {step}).")
         return epoch
 
     def on_train_begin(self, logs=None):
@@ -147,9 +188,14 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._save(epoch + 1)
 
     def on_train_batch_end(self, batch, logs=None):
-        pass  # save_freq="epoch" only
+        if not self._stop_requested:
+            return  # otherwise save_freq="epoch" only
+        self._stop_requested = False
+        step = self.step_offset + batch + 1
+        self._save(self._epoch, step=step)
+        raise TrainingPreempted(self._epoch, step, self.backup_dir)
 
-    def _save(self, epochs_done):
+    def _save(self, epochs_done, step=0):
         weights, metadata = self.weights_path, self.metadata_path
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = os.path.join(self.backup_dir, f"tmp-{os.getpid()}.weights.h5")  # Keras requires the suffix
@@ -163,7 +209,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                 os.link(path, link)
                 os.replace(link, _previous(path))
         os.replace(tmp, weights)
-        _write_json_atomically(metadata, {"epoch": epochs_done, "batch": 0})
+        _write_json_atomically(metadata, {"epoch": epochs_done, "batch": step})
         self.last_backed_up_epoch = epochs_done
 
     def on_train_end(self, logs=None):

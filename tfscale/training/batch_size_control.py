@@ -343,6 +343,23 @@ def _backup_callbacks(callbacks):
     return [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
 
 
+def _restored_step(backup, epoch):
+    """The steps of `epoch` already done in a backup stopped mid-epoch (`SafeBackupAndRestore.request_stop`): the
+    metadata's ``batch``; 0 for a backup at an epoch boundary, another epoch, or no backup."""
+    import json
+    import os
+
+    _, path = _tf_compat.backup_file_paths(backup)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or meta.get("epoch") != epoch:
+        return 0
+    step = meta.get("batch") or 0
+    return step if isinstance(step, int) and step > 0 else 0
+
+
 def _restored_epoch(backup):
     """The epoch a `BackupAndRestore` callback will resume at (0 when it has no backup)."""
     return _tf_compat.backup_restored_epoch(backup)
@@ -393,6 +410,15 @@ def fit_with_batch_schedule(
         **fit_kwargs: other `model.fit` arguments (`verbose`, `validation_freq`,
             `validation_steps`, ...). `x`, `y`, `batch_size`, `epochs` and
             `initial_epoch` are set per phase and are rejected here.
+
+    Mid-epoch resume: when a backup was taken in the middle of epoch E after S steps
+    (`SafeBackupAndRestore.request_stop`, e.g. on SIGTERM), epoch E is finished first by
+    a `fit` of its remaining steps on `make_train_dataset(B, skip_steps=n)`, where
+    n = S + (E - the phase's first epoch) * steps per epoch, the global steps the
+    interrupted run's stream had used; `make_train_dataset` must accept `skip_steps`
+    (global batches to drop from the start of the stream). The stream restarts for the
+    epochs after E, so only a run interrupted in its phase's first epoch after its start
+    sees exactly the data an uninterrupted run sees.
 
     Returns:
         a `keras.callbacks.History` whose `history` dict holds the per-epoch metrics of
@@ -462,6 +488,31 @@ def fit_with_batch_schedule(
             # clears it; a stale value would make a later phase start at the wrong epoch.
             _tf_compat.set_resume_epoch(model, None)
             steps = schedule._steps(batch, num_train_examples, steps_per_epoch)
+            resume_step = max([_restored_step(b, first) for b in backups] + [0]) if index == 0 else 0
+            if 0 < resume_step < steps:  # finish the interrupted epoch first
+                phase_start = max(e for e, _ in schedule.phases if e <= first)
+                skip = resume_step + (first - phase_start) * steps
+                for b in backups:
+                    b.step_offset = resume_step
+                history = model.fit(
+                    make_train_dataset(batch, skip_steps=skip),
+                    epochs=first + 1,
+                    initial_epoch=first,
+                    steps_per_epoch=steps - resume_step,
+                    callbacks=callbacks,
+                    validation_data=validation_data,
+                    **fit_kwargs,
+                )
+                for b in backups:
+                    b.step_offset = 0
+                _tf_compat.set_resume_epoch(model, None)
+                _merge_history(merged, history, batch, steps)
+                if first + 1 >= end or getattr(model, "stop_training", False):
+                    _check_step_counter(model, end, clock, list(history.epoch))
+                    if getattr(model, "stop_training", False):
+                        break
+                    continue
+                first += 1
             history = model.fit(
                 make_train_dataset(batch),
                 epochs=end,
@@ -471,21 +522,27 @@ def fit_with_batch_schedule(
                 validation_data=validation_data,
                 **fit_kwargs,
             )
-            for key, values in history.history.items():
-                merged.history.setdefault(key, []).extend(values)
-            ran = list(history.epoch)
-            merged.epoch.extend(ran)
-            merged.history.setdefault("global_batch_size", []).extend([batch] * len(ran))
-            merged.history.setdefault("steps_per_epoch", []).extend([steps] * len(ran))
-            merged.params = dict(history.params or {})
+            ran = _merge_history(merged, history, batch, steps)
             _check_step_counter(model, end, clock, ran)
             if getattr(model, "stop_training", False):
                 break
     finally:
         for b, flag in zip(backups, delete_flags):
             b.delete_checkpoint = flag
+            b.step_offset = 0
         _tf_compat.set_resume_epoch(model, None)
     return merged
+
+
+def _merge_history(merged, history, batch, steps):
+    for key, values in history.history.items():
+        merged.history.setdefault(key, []).extend(values)
+    ran = list(history.epoch)
+    merged.epoch.extend(ran)
+    merged.history.setdefault("global_batch_size", []).extend([batch] * len(ran))
+    merged.history.setdefault("steps_per_epoch", []).extend([steps] * len(ran))
+    merged.params = dict(history.params or {})
+    return ran
 
 
 def _check_step_counter(model, end, clock, ran):
