@@ -83,6 +83,9 @@ def define_flags():
     flags.DEFINE_float("timeout_seconds", 120.0, "Collective timeout in seconds.")
     flags.DEFINE_float("launch_timeout_seconds", 580.0, "Limit for one worker count's run, seconds.")
     flags.DEFINE_string("output_json", "runs/benchmark_allreduce_multiworker.json", "Where to write results.")
+    flags.DEFINE_bool("fit_tiers", False, "With --report_from: fit intra- and inter-node alpha, beta and delta to the "
+                      "measured cells (tfscale.planning.fit_two_tier) and predict each topology from a fit on the "
+                      "others (held out).")
     flags.DEFINE_string("plot", None, "PNG path: the cost model's predicted time against the measured one, per cell.")
     flags.DEFINE_string("report_from", None, "Print the tables (and the cost model's predictions) of an earlier "
                         "--output_json instead of running anything.")
@@ -263,6 +266,83 @@ def _prediction_table(rows):
     return "\n".join(lines)
 
 
+def _tier_samples(all_results, flags_obj):
+    """The measured cells as `tfscale.planning.TierSample`s (MWMS's default as one flat pack; auto left out)."""
+    from tfscale import planning
+
+    samples = []
+    for res in all_results:
+        topology = str(res.get("topology", res["num_workers"]))
+        n, nodes = res["num_workers"], res.get("nodes", 1)
+        k = n // nodes
+        for case, r in res["cases"].items():
+            num_bytes = 4 * r["num_elements"]
+            packs = planning.num_packs(num_bytes, flags_obj.bytes_per_pack)
+            for name, measured in r["median_ms"].items():
+                base = dict(num_workers=n, ranks_per_node=k, num_bytes=num_bytes, seconds=measured / 1e3,
+                            num_packs=packs, small_pack_bytes=flags_obj.small_pack_bytes)
+                if name == "default":
+                    sample = planning.TierSample("flat", **dict(base, num_packs=1, small_pack_bytes=None))
+                elif name in ("torus", "torus_rs") and nodes > 1:
+                    sample = planning.TierSample("torus", params=(("grid_shape", (nodes, k)),), **base)
+                elif name == "hierarchical" and nodes > 1:
+                    sample = planning.TierSample("hierarchical", params=(("devices_per_node", k),), **base)
+                elif name in ("flat", "halving_doubling"):
+                    sample = planning.TierSample(name, **base)
+                else:
+                    continue
+                samples.append((topology, case, name, sample))
+    return samples
+
+
+def _fit_tiers(all_results, flags_obj):
+    """Prints the two-tier fit on every cell, and each topology predicted from a fit on the others."""
+    from tfscale import planning
+
+    tagged = _tier_samples(all_results, flags_obj)
+    for speed in sorted({t[0].split("@")[-1] for t in tagged}):
+        fit = planning.fit_two_tier([t[3] for t in tagged if t[0].split("@")[-1] == speed])
+        _print_fit(f"{speed}, all {fit.num_samples} cells", fit)
+    return _held_out(tagged)
+
+
+def _print_fit(label, fit):
+    print(f"\ntwo-tier fit ({label}): intra alpha {fit.alpha_intra_s * 1e6:.0f} us, "
+          f"{1 / fit.beta_intra_s_per_byte / 1e6 if fit.beta_intra_s_per_byte else float('inf'):.0f} MB/s; "
+          f"inter alpha {fit.alpha_inter_s * 1e6:.0f} us, "
+          f"{1 / fit.beta_inter_s_per_byte / 1e6 if fit.beta_inter_s_per_byte else float('inf'):.1f} MB/s "
+          f"(x flows per card); delta {fit.launch_overhead_s * 1e3:.2f} ms; rms {fit.rms_relative_error:.1%}, "
+          f"max {fit.max_relative_error:.1%}")
+
+
+def _held_out(tagged):
+    from tfscale import planning
+
+    print("\nheld out: each topology predicted from a fit on the other topologies with the same card speed (the "
+          "shaped inter-node link differs between speeds); ✗: error above 25%")
+    lines = ["| topology | case | algorithm | measured ms | predicted ms | error |", "|---|---|---|---|---|---|"]
+    within = total = 0
+    for topology in sorted({t[0] for t in tagged}):
+        speed = topology.split("@")[-1]
+        rest = [t[3] for t in tagged if t[0] != topology and t[0].split("@")[-1] == speed]
+        if not rest:
+            continue
+        held = planning.fit_two_tier(rest)
+        for top, case, name, sample in tagged:
+            if top != topology:
+                continue
+            predicted = held.predict(sample)
+            error = (predicted - sample.seconds) / sample.seconds
+            total += 1
+            within += abs(error) <= 0.25
+            flag = " ✗" if abs(error) > 0.25 else ""
+            lines.append(f"| {top} | {case} | {name} | {sample.seconds * 1e3:.1f} | {predicted * 1e3:.1f} | "
+                         f"{error:+.0%}{flag} |")
+    print("\n".join(lines))
+    print(f"{within} of {total} held-out cells within 25%")
+    return within, total
+
+
 def _plot(rows, path):
     """Predicted against measured time, log-log, one marker per topology (matplotlib)."""
     import matplotlib
@@ -305,6 +385,8 @@ def run(flags_obj):
         print(f"load average when measured: {summary.get('load_average')}")
         if flags_obj.plot:
             _plot(rows, flags_obj.plot)
+        if flags_obj.fit_tiers:
+            _fit_tiers(summary["results"], flags_obj)
         return summary
     unknown = sorted(set(flags_obj.algorithms) - set(ALGORITHMS)) + sorted(set(flags_obj.cases) - set(CASES))
     if unknown:

@@ -1,5 +1,6 @@
 """Tests of the least-squares calibration against synthetic timings from known parameters."""
 
+import dataclasses
 import json
 import random
 
@@ -120,3 +121,31 @@ def test_bad_samples():
         planning.TimingSample("nccl", 4, 1e6, 1.0)
     with pytest.raises(TypeError, match="TimingSample"):
         planning.fit_cost_parameters([1, 2, 3], gamma_s_per_byte=0.0)
+
+
+def test_two_tier_fit_recovers_the_parameters_and_the_coefficients_match_the_cost_model():
+    """Synthetic times from known intra/inter links on 2x4 and 4x2: the fit finds the links again."""
+    truth = dict(alpha_intra_s=900e-6, beta_intra_s_per_byte=1 / 186e6, alpha_inter_s=1.2e-3,
+                 beta_inter_s_per_byte=1 / 45e6, gamma_s_per_byte=0.0, launch_overhead_s=3e-3)
+    fit_true = planning.TwoTierFit(**truth)
+    samples = []
+    for n, k in [(8, 4), (8, 2), (4, 2)]:
+        for algorithm, params in [("flat", ()), ("torus", (("grid_shape", (n // k, k)),)),
+                                  ("hierarchical", (("devices_per_node", k),)), ("halving_doubling", ())]:
+            for size in (4096, 800_000, 8e6, 1e8):
+                s = planning.TierSample(algorithm, n, k, size, 1.0, params, num_packs=1 if size < 3e7 else 3)
+                samples.append(dataclasses.replace(s, seconds=fit_true.predict(s)))
+    # The coefficients are the cost model's: the same cluster priced directly gives the same time.
+    cluster = planning.Cluster(8, 4, planning.Link(900e-6, 186e6), planning.Link(1.2e-3, 45e6),
+                               launch_overhead_s=3e-3)
+    direct = planning.allreduce_cost("torus", cluster, 1e8, grid_shape=(2, 4), num_packs=3).total_s
+    assert fit_true.predict(planning.TierSample("torus", 8, 4, 1e8, 1.0, (("grid_shape", (2, 4)),), 3)) == \
+        pytest.approx(direct, rel=1e-12)
+    fit = planning.fit_two_tier(samples)
+    for name, value in truth.items():
+        assert getattr(fit, name) == pytest.approx(value, rel=1e-6, abs=1e-12), name
+    assert fit.rms_relative_error < 1e-9 and fit.num_samples == len(samples)
+    fits = fit.to_fits(4)
+    assert fits["inter_node"]["beta_s_per_byte"] == pytest.approx(1 / 45e6)
+    with pytest.raises(ValueError, match="at least one"):
+        planning.fit_two_tier([])

@@ -10,10 +10,13 @@ from tfscale.planning.auto import AutoChoice
 from tfscale.planning.auto import Topology
 from tfscale.planning.auto import choose_all_reduce
 from tfscale.planning.calibration import CostFit
+from tfscale.planning.calibration import TierSample
 from tfscale.planning.calibration import TimingSample
+from tfscale.planning.calibration import TwoTierFit
 from tfscale.planning.calibration import fit_alpha_beta_delta
 from tfscale.planning.calibration import fit_cost_parameters
 from tfscale.planning.calibration import fit_reduction_rate
+from tfscale.planning.calibration import fit_two_tier
 from tfscale.planning.calibration import load_calibration
 from tfscale.planning.calibration import sample_coefficients
 from tfscale.planning.calibration import save_calibration
@@ -34,6 +37,7 @@ from tfscale.planning.cost_model import halving_doubling_allreduce_cost
 from tfscale.planning.cost_model import hierarchical_allreduce_cost
 from tfscale.planning.cost_model import num_packs
 from tfscale.planning.cost_model import ring_allreduce_cost
+from tfscale.planning.cost_model import schedule_coefficients
 from tfscale.planning.cost_model import schedule_cost
 from tfscale.planning.cost_model import torus_allreduce_cost
 from tfscale.planning.cost_model import wire_bytes
@@ -53,8 +57,10 @@ __all__ = [
     "PRESETS",
     "PlanRow",
     "Preset",
+    "TierSample",
     "TimingSample",
     "Topology",
+    "TwoTierFit",
     "Workload",
     "allreduce_cost",
     "choose_all_reduce",
@@ -62,6 +68,7 @@ __all__ = [
     "fit_alpha_beta_delta",
     "fit_cost_parameters",
     "fit_reduction_rate",
+    "fit_two_tier",
     "get_preset",
     "grid_shapes",
     "halving_doubling_allreduce_cost",
@@ -73,6 +80,7 @@ __all__ = [
     "load_calibration",
     "sample_coefficients",
     "save_calibration",
+    "schedule_coefficients",
     "schedule_cost",
     "validation_rows",
     "scaling_curve",

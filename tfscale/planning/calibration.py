@@ -35,6 +35,9 @@ __all__ = [
     "fit_alpha_beta_delta",
     "fit_cost_parameters",
     "fit_reduction_rate",
+    "fit_two_tier",
+    "TierSample",
+    "TwoTierFit",
     "load_calibration",
     "sample_coefficients",
     "save_calibration",
@@ -419,3 +422,111 @@ def load_calibration(path):
     if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
         raise ValueError(f"Calibration file {path} has no 'samples' list; write it with plan_allreduce.py --calibrate")
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class TierSample:
+    """One measured all-reduce on a cluster of nodes (e.g. an emulated one, `tfscale.launch --nodes`).
+
+    Attributes:
+      algorithm: str, a registered algorithm name.
+      num_workers: int >= 1, ranks taking part (node-major).
+      ranks_per_node: int >= 1 dividing `num_workers`.
+      num_bytes: float >= 0, bytes of the buffer per rank.
+      seconds: float > 0, measured time of one all-reduce.
+      params: tuple of ``(name, value)``, the schedule's topology parameters (``grid_shape``, ...).
+      num_packs: int >= 1. small_pack_bytes: int or None, as the backend ran it.
+    """
+
+    algorithm: str
+    num_workers: int
+    ranks_per_node: int
+    num_bytes: float
+    seconds: float
+    params: tuple = ()
+    num_packs: int = 1
+    small_pack_bytes: object = None
+
+    def coefficients(self):
+        """The six coefficients of `tfscale.planning.cost_model.schedule_coefficients` for this sample."""
+        from tfscale.distribute import algorithms  # noqa: PLC0415 (pure Python)
+
+        schedule = algorithms.build_schedule(self.algorithm, self.num_workers, **dict(self.params))
+        return cost_model.schedule_coefficients(schedule, self.ranks_per_node, self.num_bytes,
+                                                num_packs=self.num_packs, small_pack_bytes=self.small_pack_bytes)
+
+
+_TIER_NAMES = ("alpha_intra_s", "beta_intra_s_per_byte", "alpha_inter_s", "beta_inter_s_per_byte",
+               "gamma_s_per_byte", "launch_overhead_s")
+_TIER_KEYS = ("a_intra", "b_intra", "a_inter", "b_inter", "c", "d")
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTierFit:
+    """Intra- and inter-node alpha and beta, gamma and delta fitted to `TierSample`s (`fit_two_tier`).
+
+    Attributes:
+      alpha_intra_s, beta_intra_s_per_byte, alpha_inter_s, beta_inter_s_per_byte, gamma_s_per_byte,
+      launch_overhead_s: floats >= 0 (seconds, seconds per byte).
+      rms_relative_error, max_relative_error: floats, over the fitted samples.
+      num_samples: int.
+    """
+
+    alpha_intra_s: float
+    beta_intra_s_per_byte: float
+    alpha_inter_s: float
+    beta_inter_s_per_byte: float
+    gamma_s_per_byte: float
+    launch_overhead_s: float
+    rms_relative_error: float = 0.0
+    max_relative_error: float = 0.0
+    num_samples: int = 0
+
+    def predict(self, sample):
+        """Predicted seconds of a `TierSample`."""
+        co = sample.coefficients()
+        return sum(co[k] * getattr(self, name) for k, name in zip(_TIER_KEYS, _TIER_NAMES))
+
+    def to_fits(self, ranks_per_node):
+        """The ``fits`` of a calibration dict that `tfscale.planning.auto.cluster_for` reads."""
+        intra = {"alpha_s": self.alpha_intra_s, "beta_s_per_byte": self.beta_intra_s_per_byte,
+                 "gamma_s_per_byte": self.gamma_s_per_byte, "launch_overhead_s": self.launch_overhead_s}
+        return {"per_num_processes": {str(ranks_per_node): intra},
+                "inter_node": {"alpha_s": self.alpha_inter_s, "beta_s_per_byte": self.beta_inter_s_per_byte}}
+
+
+def fit_two_tier(samples, gamma_s_per_byte=0.0):
+    """Fits intra- and inter-node alpha and beta, and delta, to measured all-reduces on a tiered cluster.
+
+    Weighted least squares on the relative error, every parameter kept >= 0 (as `fit_cost_parameters`), on
+    the linear model of `tfscale.planning.cost_model.schedule_coefficients`. gamma is fixed (it moves with
+    beta in every all-reduce; measure it with `fit_reduction_rate`).
+
+    Args:
+      samples: list of `TierSample` (several algorithms, sizes and topologies make the parameters separable).
+      gamma_s_per_byte: float >= 0. Default 0.
+
+    Returns:
+      `TwoTierFit`.
+
+    Raises:
+      ValueError: for no samples, or coefficients that cannot separate the parameters.
+    """
+    samples = list(samples)
+    if not samples:
+        raise ValueError("Argument `samples` must hold at least one TierSample. Received: []")
+    gamma = cluster_lib._check_number("gamma_s_per_byte", gamma_s_per_byte, 0.0)
+    rows, targets, weights = [], [], []
+    for s in samples:
+        co = s.coefficients()
+        rows.append([co[k] for k in _TIER_KEYS[:4]] + [co["d"]])
+        targets.append(s.seconds - gamma * co["c"])
+        weights.append(1.0 / (s.seconds * s.seconds))
+    names = [n for n in _TIER_NAMES if n != "gamma_s_per_byte"]
+    free = [i for i in range(5) if any(r[i] for r in rows)]
+    a_i, b_i, a_o, b_o, d = _nonnegative_least_squares(rows, targets, weights, free, names)
+    fit = TwoTierFit(a_i, b_i, a_o, b_o, gamma, d)
+    errors = [(fit.predict(s) - s.seconds) / s.seconds for s in samples]
+    return dataclasses.replace(
+        fit, rms_relative_error=math.sqrt(sum(e * e for e in errors) / len(errors)),
+        max_relative_error=max(abs(e) for e in errors), num_samples=len(samples))

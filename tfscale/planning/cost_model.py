@@ -66,6 +66,7 @@ __all__ = [
     "num_packs",
     "phase_steps",
     "ring_allreduce_cost",
+    "schedule_coefficients",
     "schedule_cost",
     "torus_allreduce_cost",
     "wire_bytes",
@@ -321,6 +322,51 @@ def schedule_cost(schedule, cluster, num_bytes, *, value_bytes=4, compression=No
         launch_s=launches * packs * cluster.launch_overhead_s,
         phases=tuple(p.describe() for p in schedule.phases),
     )
+
+
+def schedule_coefficients(schedule, ranks_per_node, num_bytes, *, value_bytes=4, compression=None, num_packs=1,
+                          small_pack_bytes=None):
+    """The time of `schedule` as a linear function of a two-tier cluster's parameters.
+
+    ``t = a_intra * alpha_intra + b_intra * beta_intra + a_inter * alpha_inter + b_inter * beta_inter
+    + c * gamma + d * delta``, exactly what `schedule_cost` computes on a `Cluster` whose inter-node link is the
+    slower one (alpha_inter >= alpha_intra and beta_inter >= beta_intra): a step with an edge between nodes
+    pays the inter-node link, its bytes times the most flows leaving one node. Calibration fits the six
+    parameters to measured times by least squares (`tfscale.planning.fit_two_tier`).
+
+    Args:
+      schedule: a `tfscale.distribute.algorithms.Schedule` (node-major ranks).
+      ranks_per_node: int >= 1 dividing the schedule's rank count.
+      num_bytes, value_bytes, compression, num_packs, small_pack_bytes: as `schedule_cost`.
+
+    Returns:
+      dict with float values for ``a_intra``, ``b_intra``, ``a_inter``, ``b_inter``, ``c``, ``d``.
+
+    Raises:
+      ValueError: if `ranks_per_node` does not divide the rank count, and as `wire_bytes`.
+    """
+    k = cluster_lib._check_int("ranks_per_node", ranks_per_node, 1)
+    if schedule.num_ranks % k:
+        raise ValueError(f"Argument `ranks_per_node`={k} must divide the schedule's {schedule.num_ranks} ranks")
+    n = wire_bytes(num_bytes, value_bytes, compression)
+    packs = cluster_lib._check_int("num_packs", num_packs, 1)
+    if small_pack_bytes is not None and num_bytes / packs < small_pack_bytes:
+        schedule = schedule.for_small_messages()
+    out = dict.fromkeys(("a_intra", "b_intra", "a_inter", "b_inter", "c", "d"), 0.0)
+    for phase, share in zip(schedule.phases, schedule.shard_fractions):
+        edges = _ring_edges(phase.groups)
+        leaving = collections.Counter(src // k for src, dst in edges if src // k != dst // k)
+        for count, chunk, reduces in phase_steps(phase, n * float(share)):
+            if leaving:
+                out["a_inter"] += count * packs
+                out["b_inter"] += count * chunk * max(leaving.values())
+            else:
+                out["a_intra"] += count * packs
+                out["b_intra"] += count * chunk
+            if reduces:
+                out["c"] += count * chunk
+    out["d"] = float(len(schedule.phases) * packs)
+    return out
 
 
 def _prepare(cluster, num_bytes, value_bytes, compression, packs):
