@@ -250,12 +250,20 @@ class MultiWorkerAllReduce:
             return packing.unpack(reduced, spec)
 
     def _reduce_pack(self, x, local_replica):
-        """Runs the schedule on one 1-D pack `x`; returns the sum in `x`'s dtype."""
+        """Runs the schedule on one 1-D pack `x`; returns the sum in `x`'s dtype.
+
+        Every collective carries the pack's wire dtype (`packing.wire_dtype`: the compression's, or the pack's
+        own) and every all-reduce one fixed dtype, whatever the local dtype of the partial sum, so that ranks
+        that took part in different phases before (e.g. the fold of a non-power-of-two halving-doubling) send
+        the same dtype; local sums are in the accumulation dtype.
+        """
         dtype = x.dtype
         acc = packing.accumulation_dtype(dtype)
-        comp = self.compression
-        # No bfloat16 reduce kernels: all_reduce steps carry float32 instead of bf16.
-        reduce_comp = None if packing.wire_dtype(dtype, comp) == tf.bfloat16 else comp
+        wire_dtype = packing.wire_dtype(dtype, self.compression)
+        # All-reduces add on the wire: in the compression's dtype when there is one (no bfloat16 kernels: then
+        # float32), else in the accumulation dtype (float32 for 16-bit packs).
+        reduce_comp = None if wire_dtype == tf.bfloat16 else self.compression
+        reduce_dtype = packing.wire_dtype(acc, reduce_comp)
         small = int(x.shape[0]) * dtype.size < self.small_pack_bytes
         schedule = self.small_schedule if small else self.schedule
         me = self.replica_id(local_replica)
@@ -272,7 +280,7 @@ class MultiWorkerAllReduce:
             launcher = self._launcher(group, local_replica)
             if phase.kind == schedule_lib.REDUCE_SCATTER:
                 n = int(t.shape[0])
-                wire = packing.compress(t, comp)
+                wire = packing.decompress(t, wire_dtype)
                 chunk = -(-n // k)
                 if wire.dtype == tf.bfloat16:
                     chunk += chunk % 2  # Even, to bit-cast pairs of bf16 into int32.
@@ -284,15 +292,12 @@ class MultiWorkerAllReduce:
             elif phase.kind == schedule_lib.ALL_GATHER:
                 n = lengths.pop()
                 chunk = int(t.shape[0])
-                full = _move(launcher.all_gather, packing.compress(t, comp), [k * chunk])
+                full = _move(launcher.all_gather, packing.decompress(t, wire_dtype), [k * chunk])
                 t = full[:n] if k * chunk != n else full
             else:  # all_reduce, reduce, broadcast: one all-reduce of the group.
                 if phase.kind == schedule_lib.BROADCAST and member != phase.root:
-                    t = tf.zeros([dropped], acc)
-                wire = packing.compress(t, reduce_comp)
-                if wire.dtype == tf.bfloat16:
-                    wire = tf.cast(wire, tf.float32)
-                t = packing.decompress(launcher.all_reduce(wire), acc)
+                    t = tf.zeros([dropped], reduce_dtype)
+                t = packing.decompress(launcher.all_reduce(packing.decompress(t, reduce_dtype)), acc)
                 if phase.kind == schedule_lib.REDUCE and member != phase.root:
                     dropped, t = int(t.shape[0]), None
         return packing.decompress(t, dtype)
