@@ -53,11 +53,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app
 from absl import flags
+
+from tfscale import _atomic
 
 FLAGS = flags.FLAGS
 
@@ -520,19 +521,8 @@ def is_finished(record: dict | None, cell: Cell, settings: Settings) -> bool:
 
 def write_json_atomic(path: str, obj) -> None:
     """Writes `obj` as JSON to `path` through a temporary file and a rename (never a partial file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the records from the other users of the machine
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # mode 0644: mkstemp's 0600 would hide the records from the other users of the machine.
+    _atomic.write_json_atomic(path, obj, mode=0o644, indent=1, sort_keys=True, allow_nan=False, default=str)
 
 
 def _finite(x):

@@ -23,9 +23,8 @@ its own (`fit_reduction_rate`, timing local adds) and pass it to `fit_cost_param
 import dataclasses
 import json
 import math
-import os
-import tempfile
 
+from tfscale import _atomic
 from tfscale.planning import cluster as cluster_lib
 from tfscale.planning import cost_model
 
@@ -392,16 +391,7 @@ def save_calibration(path, calibration):
       OSError: if the file cannot be written.
       TypeError: if `calibration` is not JSON-serialisable.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(calibration, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic.write_json_atomic(path, calibration, make_dirs=False, trailing_newline=False, indent=1)
 
 
 def load_calibration(path):

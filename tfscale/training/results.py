@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from typing import Any, Mapping
+
+from tfscale import _atomic
 
 
 def _jsonable(value):
@@ -42,16 +41,4 @@ def write_results(path: str, results: Mapping[str, Any]) -> str:
     Raises:
         OSError: if the directory cannot be created or written.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(results), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return _atomic.write_json_atomic(path, _jsonable(results), indent=2, sort_keys=True)
