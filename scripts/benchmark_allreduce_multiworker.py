@@ -119,19 +119,13 @@ def run_worker(flags_obj):
     num_workers = base.num_workers
     device = strategy.extended.worker_devices[0]
     reducers = {"default": None}
-    emulated = flags_obj.nodes > 1
     for i, name in enumerate(a for a in flags_obj.algorithms if a not in ("default", "auto")):
-        kwargs = {}
-        if name == "hierarchical":
-            kwargs["devices_per_node"] = (flags_obj.workers_per_node if emulated
-                                          else min(flags_obj.devices_per_node, num_workers))
-        if name in ("torus", "torus_rs") and emulated:
-            kwargs["grid_shape"] = (flags_obj.nodes, flags_obj.workers_per_node)  # rows = nodes
-        kwargs["small_pack_bytes"] = 0 if name == "torus_rs" else flags_obj.small_pack_bytes
+        algorithm, params = _column_params(name, num_workers, flags_obj.nodes, flags_obj)
         reducers[name] = collective.MultiWorkerAllReduce(
-            name.replace("_rs", ""), base.local_devices, base.worker_rank, num_workers,
+            algorithm, base.local_devices, base.worker_rank, num_workers,
             bytes_per_pack=flags_obj.bytes_per_pack, compression=compression,
-            timeout_seconds=flags_obj.timeout_seconds, key_base=(50 + i) * 1_000_000, **kwargs,
+            timeout_seconds=flags_obj.timeout_seconds, key_base=(50 + i) * 1_000_000,
+            small_pack_bytes=0 if name == "torus_rs" else flags_obj.small_pack_bytes, **params,
         )
 
     results = {}
@@ -146,7 +140,8 @@ def run_worker(flags_obj):
             choice = multi_worker._choose(  # pylint: disable=protected-access
                 info.workers, 1, 4 * int(sum(np.prod(x) for x in shapes)), None, flags_obj.bytes_per_pack,
                 compression, flags_obj.small_pack_bytes)
-            auto_label = choice.alternatives[0][0]
+            auto_label = {"label": choice.alternatives[0][0], "algorithm": choice.algorithm,
+                          "params": {k: list(v) if isinstance(v, tuple) else v for k, v in choice.params.items()}}
             if base.worker_rank == 0:
                 print(f"[{case}] " + choice.describe(), flush=True)
             reducers["auto"] = collective.MultiWorkerAllReduce(
@@ -208,6 +203,39 @@ def _table(all_results, algorithms):
     return "\n".join(lines)
 
 
+def _column_params(name, n, nodes, flags_obj, auto_choice=None):
+    """``(algorithm, params)`` that the measured column `name` ran with on `n` workers in `nodes` nodes.
+
+    ``default`` (MWMS's own) is one fused flat all-reduce; ``auto`` is what the cost model picked for the cell
+    (`auto_choice`: the worker's record, a dict, or the label string of older result files). Returns None for an
+    ``auto`` without a record.
+    """
+    params = {}
+    if name == "default":
+        return "flat", params
+    if name == "auto":
+        if isinstance(auto_choice, dict):
+            return auto_choice["algorithm"], {k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in auto_choice["params"].items()}
+        label = auto_choice or ""
+        if not label:
+            return None
+        if "grid_shape=" in label:
+            params["grid_shape"] = tuple(int(v) for v in label.split("grid_shape=(")[1].split(")")[0].split(","))
+        if "devices_per_node=" in label:
+            params["devices_per_node"] = int(label.split("devices_per_node=")[1].split(",")[0])
+        if "inter_node=halving_doubling" in label:
+            params["inter_node"] = "halving_doubling"
+        return label.split()[0], params
+    if name in ("torus", "torus_rs"):
+        if nodes > 1:
+            params["grid_shape"] = (nodes, n // nodes)  # rows = nodes
+        return "torus", params
+    if name == "hierarchical":
+        params["devices_per_node"] = n // nodes if nodes > 1 else min(flags_obj.devices_per_node, n)
+    return name, params
+
+
 def _predictions(all_results, flags_obj):
     """The cost model's prediction of every measured cell (tfscale.planning, built-in links).
 
@@ -230,31 +258,92 @@ def _predictions(all_results, flags_obj):
             for name, measured in r["median_ms"].items():
                 kwargs = {"num_packs": planning.num_packs(num_bytes, flags_obj.bytes_per_pack),
                           "small_pack_bytes": flags_obj.small_pack_bytes}
-                algorithm = name
-                if name == "default":  # MWMS's own: one fused ring all-reduce.
-                    algorithm, kwargs = "flat", {"num_packs": 1}
-                elif name == "auto":
-                    label = r.get("auto_choice") or ""
-                    algorithm = label.split()[0] if label else None
-                    if "grid_shape=" in label:
-                        kwargs["grid_shape"] = tuple(int(v) for v in label.split("grid_shape=(")[1].split(")")[0].split(","))
-                    if "devices_per_node=" in label:
-                        kwargs["devices_per_node"] = int(label.split("devices_per_node=")[1].split(",")[0])
-                    if "inter_node=halving_doubling" in label:
-                        kwargs["inter_node"] = "halving_doubling"
-                elif name in ("torus", "torus_rs"):
-                    algorithm = "torus"
-                    kwargs["grid_shape"] = (nodes, n // nodes) if nodes > 1 else None
-                    if name == "torus_rs":
-                        kwargs["small_pack_bytes"] = 0
-                elif name == "hierarchical":
-                    kwargs["devices_per_node"] = n // nodes if nodes > 1 else min(flags_obj.devices_per_node, n)
-                if algorithm is None:
+                picked = _column_params(name, n, nodes, flags_obj, r.get("auto_choice"))
+                if picked is None:
                     continue
+                algorithm, params = picked
+                kwargs.update(params)
+                if name == "default":  # MWMS's own: one fused ring all-reduce.
+                    kwargs = {"num_packs": 1}
+                elif name == "torus_rs":
+                    kwargs["small_pack_bytes"] = 0
                 predicted = planning.allreduce_cost(algorithm, cluster, num_bytes, **kwargs).total_s * 1e3
                 rows.append({"topology": topology, "case": case, "algorithm": name, "measured_ms": measured,
                              "predicted_ms": predicted, "error": (predicted - measured) / measured})
     return rows
+
+
+def _phases(algorithm, n, params):
+    """The (kind, groups) of a schedule and of its small-message variant: equal for identical schedules."""
+    sched = _algorithms.build_schedule(algorithm, n, **params)
+    return tuple((p.kind, p.groups) for p in sched.phases), tuple(
+        (p.kind, p.groups) for p in sched.for_small_messages().phases)
+
+
+def _paired_ratio(a_ms, b_ms):
+    """Median over the interleaved rounds of a[i] / b[i]: the ratio with the machine's drift paired out."""
+    return statistics.median(x / y for x, y in zip(a_ms, b_ms))
+
+
+def _spread(ratio):
+    """How far apart two timings of one schedule are: ``max(r, 1/r) - 1``."""
+    return max(ratio, 1.0 / ratio) - 1.0
+
+
+def _auto_rows(all_results, flags_obj):
+    """Per cell: what ``auto`` picked, the best measured alternative, and how far auto is from it.
+
+    ``auto/best`` compares the auto run's median to the best other column's; ``pick/best`` compares the column
+    that runs the same schedule as auto's pick (when one was measured), both as a median of per-round paired
+    ratios. Columns that run an identical schedule (e.g. the torus with rows = nodes and the hierarchical
+    all-reduce) measure the same code twice: their paired ratio is the noise floor of the cell.
+    """
+    rows = []
+    for res in all_results:
+        n, nodes = res["num_workers"], res.get("nodes", 1)
+        for case, r in res["cases"].items():
+            med, all_ms = r["median_ms"], r["all_ms"]
+            if "auto" not in med:
+                continue
+            others = [a for a in med if a != "auto"]
+            best = min(others, key=lambda a: med[a])
+            picked = _column_params("auto", n, nodes, flags_obj, r.get("auto_choice"))
+            same, noise = [], []
+            if picked is not None:
+                auto_phases = _phases(picked[0], n, picked[1])
+                phases = {}
+                for a in others:
+                    if a in ("default", "torus_rs"):
+                        continue
+                    algorithm, params = _column_params(a, n, nodes, flags_obj)
+                    phases[a] = _phases(algorithm, n, params)
+                same = [a for a, ph in phases.items() if ph == auto_phases]
+                names = list(phases)
+                for i, a in enumerate(names):
+                    for b in names[i + 1:]:
+                        if phases[a] == phases[b]:
+                            noise.append(_spread(_paired_ratio(all_ms[a], all_ms[b])))
+                noise += [_spread(_paired_ratio(all_ms["auto"], all_ms[a])) for a in same]
+            label = r.get("auto_choice")
+            label = label.get("label") if isinstance(label, dict) else label
+            pick_ratio = min((_paired_ratio(all_ms[a], all_ms[best]) for a in same), default=None)
+            rows.append({"topology": str(res.get("topology", n)), "case": case, "picked": label, "best": best,
+                         "best_ms": med[best], "auto_ms": med["auto"],
+                         "auto_over_best": _paired_ratio(all_ms["auto"], all_ms[best]),
+                         "pick_over_best": pick_ratio, "same_schedule_as": same,
+                         "noise": max(noise) if noise else None})
+    return rows
+
+
+def _auto_table(rows):
+    lines = ["| topology | case | auto picked | best alternative (ms) | auto (ms) | auto/best | picked column/best | "
+             "identical-schedule spread |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pick = "—" if r["pick_over_best"] is None else f"{r['pick_over_best']:.2f} ({', '.join(r['same_schedule_as'])})"
+        noise = "—" if r["noise"] is None else f"±{r['noise']:.0%}"
+        lines.append(f"| {r['topology']} | {r['case']} | {r['picked']} | {r['best']} {r['best_ms']:.1f} | "
+                     f"{r['auto_ms']:.1f} | {r['auto_over_best']:.2f} | {pick} | {noise} |")
+    return "\n".join(lines)
 
 
 def _prediction_table(rows):
@@ -382,6 +471,8 @@ def run(flags_obj):
         print("\npredicted (tfscale.planning, built-in links) vs measured; ✗: error above 25%")
         rows = _predictions(summary["results"], flags_obj)
         print(_prediction_table(rows))
+        print("\nall_reduce=auto against the best alternative (ratios: medians of per-round paired ratios)")
+        print(_auto_table(_auto_rows(summary["results"], flags_obj)))
         print(f"load average when measured: {summary.get('load_average')}")
         if flags_obj.plot:
             _plot(rows, flags_obj.plot)
@@ -437,12 +528,17 @@ def run(flags_obj):
     predictions = _predictions(all_results, flags_obj)
     print("\npredicted (tfscale.planning, built-in links) vs measured; ✗: error above 25%")
     print(_prediction_table(predictions))
+    auto_rows = []
+    if "auto" in flags_obj.algorithms:
+        auto_rows = _auto_rows(all_results, flags_obj)
+        print("\nall_reduce=auto against the best alternative (ratios: medians of per-round paired ratios)")
+        print(_auto_table(auto_rows))
     if flags_obj.plot:
         _plot(predictions, flags_obj.plot)
     load = timing.load_average()
     print(f"load average (1, 5, 15 min) at the end: {load}")
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": all_results,
-               "table": table, "predictions": predictions, "load_average": load}
+               "table": table, "predictions": predictions, "auto": auto_rows, "load_average": load}
     with open(flags_obj.output_json, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
