@@ -273,7 +273,7 @@ def _predictions(all_results, flags_obj):
     return rows
 
 
-def _phases(algorithm, n, params):
+def _phases(n, algorithm, params):
     """The (kind, groups) of a schedule and of its small-message variant: equal for identical schedules."""
     sched = _algorithms.build_schedule(algorithm, n, **params)
     return tuple((p.kind, p.groups) for p in sched.phases), tuple(
@@ -310,13 +310,12 @@ def _auto_rows(all_results, flags_obj):
             picked = _column_params("auto", n, nodes, flags_obj, r.get("auto_choice"))
             same, noise = [], []
             if picked is not None:
-                auto_phases = _phases(picked[0], n, picked[1])
+                auto_phases = _phases(n, *picked)
                 phases = {}
                 for a in others:
                     if a in ("default", "torus_rs"):
                         continue
-                    algorithm, params = _column_params(a, n, nodes, flags_obj)
-                    phases[a] = _phases(algorithm, n, params)
+                    phases[a] = _phases(n, *_column_params(a, n, nodes, flags_obj))
                 same = [a for a, ph in phases.items() if ph == auto_phases]
                 names = list(phases)
                 for i, a in enumerate(names):
@@ -392,7 +391,50 @@ def _fit_tiers(all_results, flags_obj):
     for speed in sorted({t[0].split("@")[-1] for t in tagged}):
         fit = planning.fit_two_tier([t[3] for t in tagged if t[0].split("@")[-1] == speed])
         _print_fit(f"{speed}, all {fit.num_samples} cells", fit)
-    return _held_out(tagged)
+    held_out = _held_out(tagged)
+    _auto_held_out(all_results, flags_obj, tagged)
+    return held_out
+
+
+def _auto_held_out(all_results, flags_obj, tagged):
+    """What ``auto`` with a calibration would pick on each emulated cell, and how that pick measured.
+
+    For each emulated topology the two-tier fit of the *other* topologies at the same card speed is the
+    calibration (held out, as in `_held_out`); `tfscale.planning.choose_all_reduce` picks with it, and the pick
+    is looked up among the measured columns that run the identical schedule. Returns the rows.
+    """
+    from tfscale import planning
+
+    rows = []
+    for res in all_results:
+        topology = str(res.get("topology", res["num_workers"]))
+        n, nodes = res["num_workers"], res.get("nodes", 1)
+        speed = topology.split("@")[-1]
+        rest = [t[3] for t in tagged if t[0] != topology and t[0].split("@")[-1] == speed]
+        if nodes < 2 or not rest:
+            continue
+        calibration = {"fits": planning.fit_two_tier(rest).to_fits(n // nodes)}
+        for case, r in res["cases"].items():
+            choice = planning.choose_all_reduce(
+                planning.Topology(n, n // nodes, "processes"), 4 * r["num_elements"], calibration,
+                bytes_per_pack=flags_obj.bytes_per_pack, small_pack_bytes=flags_obj.small_pack_bytes)
+            picked = _phases(n, choice.algorithm, choice.params)
+            columns = [a for a in r["median_ms"] if a not in ("auto", "default", "torus_rs")]
+            same = [a for a in columns if _phases(n, *_column_params(a, n, nodes, flags_obj)) == picked]
+            best = min((a for a in r["median_ms"] if a != "auto"), key=lambda a: r["median_ms"][a])
+            ratio = min((_paired_ratio(r["all_ms"][a], r["all_ms"][best]) for a in same), default=None)
+            rows.append({"topology": topology, "case": case, "picked": choice.alternatives[0][0],
+                         "measured_as": same, "best": best, "pick_over_best": ratio})
+    lines = ["| topology | case | calibrated auto picks | measured as | best | pick/best |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "not measured" if row["pick_over_best"] is None else f"{row['pick_over_best']:.2f}"
+        lines.append(f"| {row['topology']} | {row['case']} | {row['picked']} | {', '.join(row['measured_as']) or '—'} "
+                     f"| {row['best']} | {ratio} |")
+    print("\nall_reduce=auto with a held-out two-tier calibration (fit on the other topologies at the same card "
+          "speed): its pick, measured as the column with the identical schedule, against the best column "
+          "(median of per-round paired ratios)")
+    print("\n".join(lines))
+    return rows
 
 
 def _print_fit(label, fit):

@@ -54,3 +54,35 @@ def test_auto_rows_pair_rounds_and_find_identical_schedules(bench):
     assert row["noise"] == pytest.approx(0.10)  # hierarchical vs torus: the same code measured twice
     text = bench._auto_table(rows)
     assert "| 2x2@200mbit | large | torus grid_shape=(2, 2) | torus 8.0 | 8.4 | 1.05 |" in text
+
+
+def test_auto_with_a_held_out_calibration_picks_the_measured_best(bench):
+    """Cells timed by a known two-tier model: the fit on the other topology recovers it, and auto's pick is best."""
+    from tfscale import planning
+
+    truth = planning.TwoTierFit(alpha_intra_s=1e-3, beta_intra_s_per_byte=1 / 150e6, alpha_inter_s=2e-3,
+                                beta_inter_s_per_byte=1 / 25e6, gamma_s_per_byte=0.0, launch_overhead_s=3e-3)
+    flags = _Flags
+    results = []
+    for nodes, per_node in ((2, 4), (4, 2)):
+        n = nodes * per_node
+        cases = {}
+        for case, elements in (("small", 200_000), ("large", 25_557_032)):
+            num_bytes = 4 * elements
+            all_ms = {}
+            for name in ("default", "flat", "torus", "hierarchical", "halving_doubling"):
+                algorithm, params = bench._column_params(name, n, nodes, flags)
+                packs = 1 if name == "default" else planning.num_packs(num_bytes, flags.bytes_per_pack)
+                small = None if name == "default" else flags.small_pack_bytes
+                sample = planning.TierSample(algorithm, n, per_node, num_bytes, 1.0, params=tuple(params.items()),
+                                             num_packs=packs, small_pack_bytes=small)
+                all_ms[name] = [1e3 * truth.predict(sample)] * 3
+            cases[case] = {"median_ms": {k: v[0] for k, v in all_ms.items()}, "all_ms": all_ms,
+                           "num_elements": elements}
+        results.append({"num_workers": n, "nodes": nodes, "topology": f"{nodes}x{per_node}@200mbit", "cases": cases})
+    tagged = bench._tier_samples(results, flags)
+    rows = bench._auto_held_out(results, flags, tagged)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["measured_as"], row
+        assert row["pick_over_best"] == pytest.approx(1.0, abs=0.02), row
