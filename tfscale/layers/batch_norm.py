@@ -31,6 +31,7 @@ step 5 needs.
 import keras
 import tensorflow as tf
 
+from tfscale import _cross_replica
 from tfscale import _tf_compat
 
 _MOVING_AGGREGATION = "only_first_replica"
@@ -83,7 +84,10 @@ class DistributedBatchNormalization(keras.layers.BatchNormalization):
     under `tf.distribute.MirroredStrategy` with any `CrossDeviceOps` (including tfscale's
     all-reduce algorithms) and under `tf.distribute.MultiWorkerMirroredStrategy`: it uses
     only `ReplicaContext.all_reduce(SUM)`, `replica_id_in_sync_group` and
-    `num_replicas_in_sync`.
+    `num_replicas_in_sync`. Where each replica is a process of its own (Horovod,
+    `tfscale.distribute.horovod`), the backend installs its replicas for the layer
+    (`tfscale._cross_replica`) and a group's statistics are summed over that group only
+    (a Horovod process set per group).
 
     In inference (`training=False`, or a layer with `trainable=False`) the moving
     statistics are used, exactly as in Keras. They are updated in training as
@@ -249,6 +253,8 @@ class DistributedBatchNormalization(keras.layers.BatchNormalization):
             _check_group_size(
                 self.group_size, tf.distribute.get_strategy().num_replicas_in_sync
             )
+        elif _cross_replica.current() is not None:
+            _check_group_size(self.group_size, _cross_replica.current().num_replicas_in_sync)
         shape = (channels,)
         if self.scale:
             self.gamma = self.add_weight(
@@ -294,7 +300,7 @@ class DistributedBatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
-        replica_ctx = tf.distribute.get_replica_context()
+        replica_ctx = _replica_context()
         num_replicas = 1 if replica_ctx is None else replica_ctx.num_replicas_in_sync
         if num_replicas == 1:
             # Plain BN; the base class also handles masks here.
@@ -344,6 +350,19 @@ class DistributedBatchNormalization(keras.layers.BatchNormalization):
         return config
 
 
+def _replica_context():
+    """The replicas the layer synchronises over: the `tf.distribute` replica context when it has several
+    replicas, else the process replicas a backend installed (`tfscale._cross_replica`), else the (one-replica)
+    `tf.distribute` context or None."""
+    replica_ctx = tf.distribute.get_replica_context()
+    if replica_ctx is not None and replica_ctx.num_replicas_in_sync > 1:
+        return replica_ctx
+    external = _cross_replica.current()
+    if external is not None and external.num_replicas_in_sync > 1:
+        return external
+    return replica_ctx
+
+
 def _group_moments(x, reduction_axes, axis, shift, replica_ctx, group_size):
     """Group and all-group moments with one fused cross-replica reduction.
 
@@ -383,6 +402,15 @@ def _group_moments(x, reduction_axes, axis, shift, replica_ctx, group_size):
     if num_groups == 1:
         totals = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, stacked)[None]
         own = totals[0]
+    elif isinstance(replica_ctx, _cross_replica.ProcessReplicaContext):
+        # Process replicas: sum over the group only (one process set per group), then average the groups'
+        # statistics over all replicas for the moving averages (each group counted group_size times).
+        own = replica_ctx.group_all_reduce(stacked, group_size)
+        mean_shifted = own[0] / own[2]
+        variance = tf.nn.relu(own[1] / own[2] - tf.square(mean_shifted))
+        group_stats = tf.stop_gradient(tf.stack([mean_shifted, variance]))
+        averaged = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, group_stats) / num_replicas
+        return mean_shifted + shift, variance, averaged[0] + shift, averaged[1]
     else:
         group_id = replica_ctx.replica_id_in_sync_group // group_size
         one_hot = tf.one_hot(group_id, num_groups, dtype=dtype)  # [num_groups]
