@@ -120,6 +120,32 @@ class TestCreateStrategyErrors:
         with pytest.raises(ValueError, match=r"grid_shape.*2x2=4 devices.*num_devices=2"):
             collective.create_multi_worker_strategy("torus", grid_shape="2x2")
 
+    @pytest.mark.parametrize("workers, expected", [
+        (["10.0.0.1:1", "10.0.0.1:2", "10.0.0.2:1", "10.0.0.2:2"], 2),  # 2 hosts x 2 workers: a node per host
+        (["10.0.0.1:1", "10.0.0.2:1", "10.0.0.1:2", "10.0.0.2:2"], 1),  # hosts not contiguous: a node per worker
+    ])
+    def test_hierarchical_nodes_default_to_hosts(self, monkeypatch, workers, expected):
+        """Without devices_per_node, the hierarchical all-reduce's nodes are the hosts of the cluster spec (a
+        node per worker made every inter-node group the whole cluster: a flat all-reduce)."""
+        from tfscale.distribute import multi_worker
+
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers},
+                                                    "task": {"type": "worker", "index": 0}}))
+        monkeypatch.delenv("TFSCALE_DEVICES_PER_WORKER", raising=False)
+        seen = {}
+
+        class Stop(Exception):
+            pass
+
+        def build_schedule(name, n, **params):  # stop before a server starts
+            seen.update(params, name=name, n=n)
+            raise Stop
+
+        monkeypatch.setattr(multi_worker.algorithms, "build_schedule", build_schedule)
+        with pytest.raises(Stop):
+            collective.create_multi_worker_strategy("hierarchical")
+        assert seen["name"] == "hierarchical" and seen["n"] == 4 and seen["devices_per_node"] == expected
+
     def test_bad_devices_per_worker_env(self, monkeypatch):
         monkeypatch.setenv("TFSCALE_DEVICES_PER_WORKER", "two")
         with pytest.raises(ValueError, match="TFSCALE_DEVICES_PER_WORKER must be an int"):

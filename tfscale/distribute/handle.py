@@ -32,6 +32,10 @@ class StrategyHandle:
         (pass `callbacks()` to ``fit`` / ``evaluate``), or None.
       auto_choice: the `tfscale.planning.AutoChoice` when the strategy was built with
         ``algorithm="auto"`` (the alternatives and their predicted times), else None.
+      worker_rank: int >= 0, this process's worker index (0: the chief, which writes checkpoints and
+        results); 0 in one process.
+      num_workers: int >= 1, worker processes in sync (1 in one process), whichever all-reduce runs, tfscale's
+        or MWMS's own (``algorithm="collective"``, where `all_reduce` is None).
     """
 
     algorithm: str
@@ -40,6 +44,8 @@ class StrategyHandle:
     all_reduce: object = None
     watchdog: object = None
     auto_choice: object = None
+    worker_rank: int = 0
+    num_workers: int = 1
 
     @property
     def schedule(self):

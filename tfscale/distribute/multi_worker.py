@@ -113,7 +113,9 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         alternative.
       grid_shape: torus grid over all replicas: None (most square), ``"RxC"`` or
         ``(rows, cols)``; ``rows * cols`` must equal ``num_workers * devices_per_worker``.
-      devices_per_node: hierarchical only: replicas per node; default one node per worker.
+      devices_per_node: hierarchical only: replicas per node; default: the replicas of the workers that share
+        a host in the cluster spec (or an emulated node of `tfscale.launch --nodes`), one node per worker where
+        the hosts are uneven or not contiguous.
       bytes_per_pack: int >= 0, fusion threshold in bytes; default 32 MiB.
       compression: None, ``"fp16"`` or ``"bf16"`` (wire dtype of float32 gradients).
       timeout_seconds: float > 0, seconds a step may wait for its peers before its
@@ -204,7 +206,9 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
     if info is not None:
         total = info.num_workers * per_worker
         if algorithm == "hierarchical" and devices_per_node is None:
-            devices_per_node = per_worker
+            # A node is a host (or an emulated node): the workers that share one address, as `auto` finds them.
+            # One node per worker instead would make every inter-node group the whole cluster: a flat all-reduce.
+            devices_per_node = (cluster_lib.worker_nodes(info.workers) or 1) * per_worker
         algorithms.build_schedule(algorithm, total, grid_shape=grid_shape, devices_per_node=devices_per_node,
                                   **params)
     use_cpu_devices = devices_per_worker is not None and devices_per_worker > 1 and not num_gpus
@@ -243,7 +247,8 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
     handle_lib.attach(strategy, handle_lib.StrategyHandle(
         algorithm=algorithm, num_replicas=strategy.num_replicas_in_sync,
         cross_device_ops=_tf_compat.cross_device_ops(strategy), all_reduce=reducer,
-        watchdog=watchdog_lib.CollectiveWatchdog(timeout_seconds), auto_choice=choice))
+        watchdog=watchdog_lib.CollectiveWatchdog(timeout_seconds), auto_choice=choice,
+        worker_rank=reducer.worker_rank, num_workers=workers))
     return strategy
 
 
