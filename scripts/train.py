@@ -134,6 +134,12 @@ def define_flags():
     flags.DEFINE_string("all_reduce", "torus", "Gradient all-reduce algorithm: any name of "
                         "tfscale.distribute.algorithm_names() (torus, hierarchical, halving_doubling, flat (alias "
                         "ring), and TF's reduction_to_one_device, hierarchical_copy, collective).")
+    flags.DEFINE_enum("backend", "tf", ["tf", "horovod"],
+                      "tf: TensorFlow's runtime (MirroredStrategy in one process, or tfscale.launch workers). "
+                      "horovod: one Horovod process per replica, started by horovodrun (e.g. horovodrun -np 4 -H "
+                      "localhost:4 --gloo python scripts/train.py --backend=horovod), running the same --all_reduce "
+                      "schedules over Horovod process sets; needs the environment of bash tools/setup_horovod_env.sh "
+                      "(TensorFlow 2.14-2.18, Horovod 0.28.1). --num_replicas is then horovodrun's -np.")
     flags.DEFINE_string("grid_shape", None, "Torus grid as ROWSxCOLS, e.g. 2x2 (default: the most square).")
     flags.DEFINE_integer("devices_per_node", None, "Devices per node for --all_reduce=hierarchical.")
     flags.DEFINE_integer("bytes_per_pack", None, "Tensor-fusion buffer size in bytes (default: 256 KiB in one "
@@ -342,6 +348,32 @@ def _check(ok, flag, value, expected):
         raise ValueError(f"Flag --{flag} must be {expected}. Received: --{flag}={value}")
 
 
+# Flags whose non-default values the Horovod backend cannot honour (each is a property of TF's runtime).
+_HOROVOD_UNSUPPORTED = {"calibration_file": None}
+
+
+def check_horovod_config(config) -> None:
+    """Rejects the flag combinations --backend=horovod cannot run, naming the flag, its value and what works.
+
+    Raises:
+        ValueError: for an --all_reduce that is not a registered schedule (TF's own reduction_to_one_device,
+            hierarchical_copy and collective, and auto, exist only on TF's runtime), or a TF-runtime-only flag.
+    """
+    from tfscale.distribute import algorithms
+
+    try:
+        algorithms.canonical_name(config["all_reduce"])
+    except ValueError:
+        raise ValueError(
+            f"Flag --all_reduce={config['all_reduce']} is not available with --backend=horovod: expected one of "
+            f"tfscale's schedules {list(algorithms.algorithm_names())} (or ring); TF's reduction_to_one_device, "
+            "hierarchical_copy, collective and auto need --backend=tf.") from None
+    _check(not config["jit_compile"], "jit_compile", config["jit_compile"],
+           "False with --backend=horovod (XLA cannot compile Horovod's collectives into the step)")
+    for key, default in _HOROVOD_UNSUPPORTED.items():
+        _check(config[key] == default, key, config[key], "unset with --backend=horovod (it is a TF-runtime flag)")
+
+
 def validate_config(config) -> None:
     """One validation pass over the whole resolved configuration, before anything is built or trained.
 
@@ -394,6 +426,8 @@ def validate_config(config) -> None:
         _check(isinstance(config[key], str) and config[key].strip(), key, repr(config[key]), "a non-empty key")
     _check(config["grid_shape"] is None or re.fullmatch(r"[1-9]\d*x[1-9]\d*", config["grid_shape"]),
            "grid_shape", config["grid_shape"], "ROWSxCOLS with positive integers, e.g. 2x2")
+    if config.get("backend") == "horovod":
+        check_horovod_config(config)
     _check(config["tf_data_service"] is None or re.fullmatch(r"(grpc://)?[^\s:/]+:\d{1,5}", config["tf_data_service"]),
            "tf_data_service", config["tf_data_service"], "grpc://host:port")
     _check(isinstance(config["model"], str) and re.fullmatch(r"[a-z0-9_]+", config["model"]), "model",
@@ -550,6 +584,93 @@ def norm_layer(config):
                              momentum=momentum, epsilon=resnet.DEFAULT_BN_EPSILON)
 
 
+class HorovodRun:
+    """What --backend=horovod needs from `tfscale.distribute.horovod`, for one process (one rank).
+
+    Attributes:
+        rank: int, this process's Horovod rank; size: int, the number of ranks (horovodrun's -np).
+        all_reduce: the `tfscale.distribute.horovod.HorovodAllReduce` of --all_reduce (its schedule, fusion and
+            compression).
+    """
+
+    def __init__(self, thvd, all_reduce):
+        self._thvd = thvd
+        self.all_reduce = all_reduce
+        self.rank = all_reduce.rank
+        self.size = all_reduce.num_ranks
+
+    def input_context(self):
+        """The `tf.distribute.InputContext` of this rank's input pipeline (its shard; global batch / size)."""
+        import tensorflow as tf
+
+        return tf.distribute.InputContext(num_input_pipelines=self.size, input_pipeline_id=self.rank,
+                                          num_replicas_in_sync=self.size)
+
+    def distribute_optimizer(self, optimizer):
+        return self._thvd.distribute_optimizer(optimizer, self.all_reduce)
+
+    def callbacks(self):
+        return self._thvd.callbacks(self.all_reduce)
+
+    def barrier(self):
+        """Waits for every rank (an all-reduce of one number: Horovod 0.28.1's barrier is PyTorch-only)."""
+        import tensorflow as tf
+
+        self.all_reduce([tf.zeros([1])])
+
+    def restore_only_backup(self, backup_dir):
+        """A `SafeBackupAndRestore` that restores rank 0's backup and never writes (ranks other than 0)."""
+        from tfscale import training
+
+        class RestoreOnly(training.SafeBackupAndRestore):
+            def _save(self, epochs_done, step=0):
+                self.last_backed_up_epoch = epochs_done
+
+            def on_train_end(self, logs=None):
+                pass  # rank 0 owns the backup and deletes it
+
+        return RestoreOnly(backup_dir)
+
+    def work_alone(self):
+        """From now on this rank works alone: the BN layers stop using the other ranks."""
+        from tfscale import _cross_replica
+
+        _cross_replica.install(None)
+
+    def devices(self):
+        return [f"horovod:rank{r}" for r in range(self.size)]
+
+
+def setup_horovod(config, num_replicas_given=False) -> HorovodRun:
+    """Initialises Horovod with the process sets of --all_reduce (and --bn_group_size) for --backend=horovod.
+
+    Raises:
+        ValueError: if the process was not started by horovodrun/mpirun, --num_replicas contradicts the number of
+            ranks, or the schedule or BN group size does not fit it.
+        tfscale.distribute.horovod.HorovodUnavailableError: without Horovod (the message says how to build it).
+    """
+    from tfscale.distribute import horovod as thvd
+
+    try:
+        thvd.import_horovod()  # the clear error (how to install, which TF) comes first
+    except thvd.HorovodUnavailableError as err:
+        raise ValueError(f"Flag --backend=horovod: {err}") from None
+    if not any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        raise ValueError("Flag --backend=horovod needs one process per replica started by horovodrun, e.g. "
+                         "horovodrun -np 4 -H localhost:4 --gloo python scripts/train.py --backend=horovod")
+    size = thvd.size()
+    if config["num_replicas"] != size and num_replicas_given:
+        raise ValueError(f"Flag --num_replicas={config['num_replicas']} contradicts horovodrun's {size} processes "
+                         "(with --backend=horovod the replicas are the processes: drop --num_replicas or match -np).")
+    bn_group = config["bn_group_size"] or None
+    all_reduce = thvd.init(
+        config["all_reduce"], grid_shape=config["grid_shape"], devices_per_node=config["devices_per_node"],
+        bn_group_size=bn_group if bn_group and bn_group < size else None,
+        bytes_per_pack=config["bytes_per_pack"] or thvd.HOROVOD_BYTES_PER_PACK,
+        compression=None if config["compression"] == "none" else config["compression"])
+    return HorovodRun(thvd, all_reduce)
+
+
 def build_optimizer(config, batch_schedule, num_train_examples):
     """Builds the learning-rate schedule (in epochs, continuous across batch-size phases) and the optimizer."""
     from tfscale import optimizers
@@ -605,26 +726,34 @@ def run(flags_obj) -> dict:
 
     from tfscale import launch
 
-    # MultiWorkerMirroredStrategy() waits for every worker without a timeout: name the missing ones instead.
-    startup = launch.StartupWatchdog(config["startup_timeout"]).start()
-    strategy = distribute.create_strategy(
-        algorithm=config["all_reduce"],
-        num_replicas=config["num_replicas"],
-        grid_shape=config["grid_shape"],
-        devices_per_node=config["devices_per_node"],
-        bytes_per_pack=config["bytes_per_pack"],
-        compression=None if config["compression"] == "none" else config["compression"],
-        gradient_bytes=gradient_bytes(config) if config["all_reduce"] == "auto" else None,
-        calibration_file=config["calibration_file"],
-    )
-    startup.stop()
-    num_replicas = strategy.num_replicas_in_sync
-    check_jit_compile(config, strategy)
-    handle = distribute.strategy_handle(strategy)
-    # Across processes (tfscale's all-reduce or --all_reduce=collective, MWMS's own): every worker trains, the
-    # chief (worker 0) writes.
-    multi_worker, worker_rank = getattr(handle, "num_workers", 1) > 1, getattr(handle, "worker_rank", 0)
-    is_chief = worker_rank == 0
+    hvd_run = None  # --backend=horovod: this process's HorovodRun (rank, size, all-reduce)
+    if config["backend"] == "horovod":
+        hvd_run = setup_horovod(config, num_replicas_given=flags_obj["num_replicas"].present)
+        strategy = tf.distribute.get_strategy()  # one replica per process; the optimizer averages across ranks
+        num_replicas = hvd_run.size
+        multi_worker, worker_rank = False, hvd_run.rank  # Horovod's ranks are handled by hvd_run
+        is_chief = hvd_run.rank == 0
+    else:
+        # MultiWorkerMirroredStrategy() waits for every worker without a timeout: name the missing ones instead.
+        startup = launch.StartupWatchdog(config["startup_timeout"]).start()
+        strategy = distribute.create_strategy(
+            algorithm=config["all_reduce"],
+            num_replicas=config["num_replicas"],
+            grid_shape=config["grid_shape"],
+            devices_per_node=config["devices_per_node"],
+            bytes_per_pack=config["bytes_per_pack"],
+            compression=None if config["compression"] == "none" else config["compression"],
+            gradient_bytes=gradient_bytes(config) if config["all_reduce"] == "auto" else None,
+            calibration_file=config["calibration_file"],
+        )
+        startup.stop()
+        num_replicas = strategy.num_replicas_in_sync
+        check_jit_compile(config, strategy)
+        handle = distribute.strategy_handle(strategy)
+        # Across processes (tfscale's all-reduce or --all_reduce=collective, MWMS's own): every worker trains, the
+        # chief (worker 0) writes.
+        multi_worker, worker_rank = getattr(handle, "num_workers", 1) > 1, getattr(handle, "worker_rank", 0)
+        is_chief = worker_rank == 0
     if multi_worker:
         # TF's coordination service catches SIGTERM (preemption notice) and the worker would go on until the
         # launcher's SIGKILL; a stopped worker should stop now (its backup is written atomically).
@@ -636,11 +765,18 @@ def run(flags_obj) -> dict:
                            overwrite=config["overwrite"] and is_chief)
     if is_chief:
         run_state.write_run_config(config["model_dir"], config)
-    print(f"{num_replicas} replicas on {list(strategy.extended.worker_devices)}, all-reduce "
-          f"{config['all_reduce']}" + (f" ({distribute.strategy_handle(strategy).algorithm})"
-                                        if config["all_reduce"] == "auto" else ""))
+    if hvd_run is not None:
+        print(f"Horovod rank {hvd_run.rank} of {hvd_run.size}, all-reduce {hvd_run.all_reduce.schedule.describe()}")
+    else:
+        print(f"{num_replicas} replicas on {list(strategy.extended.worker_devices)}, all-reduce "
+              f"{config['all_reduce']}" + (f" ({distribute.strategy_handle(strategy).algorithm})"
+                                            if config["all_reduce"] == "auto" else ""))
     keras.utils.set_random_seed(config["seed"])
+    if hvd_run is not None and hvd_run.rank != 0:
+        hvd_run.barrier()  # rank 0 converts the default data set first; the others then reuse its records
     data = prepare_data(config)
+    if hvd_run is not None and hvd_run.rank == 0:
+        hvd_run.barrier()
     num_classes = data["num_classes"]
     print(f"Data: {data['num_train_examples']:,} training and {data['num_eval_examples']:,} evaluation images, "
           f"{num_classes} classes")
@@ -686,19 +822,27 @@ def run(flags_obj) -> dict:
         return tdata.pad_eval_batches(ds, ctx.get_per_replica_batch_size(global_batch), local_replicas)
 
     def make_train_dataset(global_batch, skip_steps=0):
+        if hvd_run is not None:  # this rank's input pipeline: its shard of the files, global_batch / size images
+            return dataset_fn(global_batch, True, hvd_run.input_context(), skip_steps=skip_steps)
         return strategy.distribute_datasets_from_function(
             functools.partial(dataset_fn, global_batch, True, skip_steps=skip_steps))
 
-    eval_ds = strategy.distribute_datasets_from_function(
-        functools.partial(dataset_fn, batch_schedule.global_batch_size(0), False))
+    if hvd_run is not None:
+        eval_ds = dataset_fn(batch_schedule.global_batch_size(0), False, hvd_run.input_context())
+    else:
+        eval_ds = strategy.distribute_datasets_from_function(
+            functools.partial(dataset_fn, batch_schedule.global_batch_size(0), False))
 
     # --dtype: the policy every layer built from here on takes (the logits layer and BN keep float32 maths).
     keras.mixed_precision.set_global_policy(config["dtype"])
     with strategy.scope():
         model = models.build_model(config["model"], num_classes=num_classes, image_size=config["image_size"],
                                    norm_layer=norm_layer(config), input_normalization="imagenet")
+        optimizer = build_optimizer(config, batch_schedule, data["num_train_examples"])
+        if hvd_run is not None:  # average the gradients over the ranks with the --all_reduce schedule
+            optimizer = hvd_run.distribute_optimizer(optimizer)
         model.compile(
-            optimizer=build_optimizer(config, batch_schedule, data["num_train_examples"]),
+            optimizer=optimizer,
             loss=keras.losses.CategoricalCrossentropy(from_logits=True,
                                                       label_smoothing=config["label_smoothing"]),
             # Weighted, so the zero-weight padding of the evaluation set does not count (Keras's plain `metrics`
@@ -706,15 +850,18 @@ def run(flags_obj) -> dict:
             weighted_metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
                               keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
             # Off: Keras's "auto" (no XLA on CPU-only machines or under several devices).
-            jit_compile=True if config["jit_compile"] else "auto",
+            jit_compile=True if config["jit_compile"] else ("auto" if hvd_run is None else False),
         )
     print(f"Model {model.name}: {model.count_params():,} parameters; batch schedule {batch_schedule}")
 
     backup_dir = os.path.join(config["model_dir"], "backup")
     if multi_worker:  # one backup directory per worker: they must not write the same file
         backup_dir = distribute.worker_backup_dir(backup_dir, strategy)
-    backup = training.SafeBackupAndRestore(backup_dir)  # atomic; keeps the last good epoch on NaN
-    if not multi_worker:
+    if hvd_run is not None and not is_chief:
+        backup = hvd_run.restore_only_backup(backup_dir)  # only rank 0 writes; every rank resumes from it
+    else:
+        backup = training.SafeBackupAndRestore(backup_dir)  # atomic; keeps the last good epoch on NaN
+    if not multi_worker and hvd_run is None:
         # Preemption: SIGTERM backs up the state at the end of the current step and stops (TrainingPreempted); the
         # same command resumes at that step. (A multi-worker worker stops at once instead, see above.)
         import signal
@@ -726,8 +873,15 @@ def run(flags_obj) -> dict:
         training.ThroughputCallback(batch_schedule.global_batch_size),
         tdata.SkippedRecordsLogger(skipped),
     ]
+    if hvd_run is not None:
+        # No TerminateOnNaN: a rank that stopped one step before the others would leave them waiting in the
+        # all-reduce; a NaN loss (the same on every rank after averaged NaN gradients) ends at the epoch end.
+        # The broadcast follows the backup's restore; rank 0 writes its backup before the metric average, so no
+        # rank reads a backup that rank 0 has not finished writing.
+        callbacks = [backup] + hvd_run.callbacks() + callbacks[2:]
     # Across processes: one watchdog thread aborts the collectives of a step that stalls (a dead or hung peer).
-    watchdog = distribute.strategy_handle(strategy).callbacks()
+    handle = distribute.strategy_handle(strategy)  # None under --backend=horovod (the default strategy)
+    watchdog = handle.callbacks() if handle is not None else []
     callbacks += watchdog
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config["model_dir"], "logs"),
@@ -746,7 +900,7 @@ def run(flags_obj) -> dict:
             callbacks=callbacks,
             validation_data=eval_ds,
             validation_freq=config["eval_every_epochs"],
-            verbose=1 if sys.stdout.isatty() else 2,
+            verbose=(1 if sys.stdout.isatty() else 2) if is_chief or hvd_run is None else 0,
         )
         losses = history.history.get("loss", [])
         if backup.diverged_epoch is not None or not all(v == v and abs(v) != float("inf") for v in losses):
@@ -758,8 +912,14 @@ def run(flags_obj) -> dict:
                 f"peak learning rate {config['base_lr'] * batch_schedule.global_batch_size(0) / 256:g}); training "
                 f"stopped and {kept}. No model.keras or results.json was written. Lower --base_lr or lengthen "
                 "--warmup_epochs; a resume with the same flags would diverge again.")
+        if hvd_run is not None:
+            if not is_chief:  # the weights are the same on every rank: rank 0 evaluates and writes alone
+                return {"rank": hvd_run.rank, "backend": "horovod"}
+            hvd_run.work_alone()  # no collective from here on (group BN is plain BN in inference anyway)
         # Keras reports the mean of per-replica accuracies; count the exact top-1/top-5 over every evaluation image.
         plain_eval_ds = dataset_fn(batch_schedule.global_batch_size(0), False, tf.distribute.InputContext())
+        if hvd_run is not None:
+            eval_ds = plain_eval_ds  # rank 0 evaluates every image
         moving_average = None
         if config["bn_stats"] == "recompute":
             # Akiba et al.: evaluate with the population statistics, recomputed once after training with the
@@ -803,8 +963,11 @@ def run(flags_obj) -> dict:
         "num_eval_examples": data["num_eval_examples"],
         "num_classes": num_classes,
         "num_replicas": num_replicas,
-        "all_reduce_algorithm": distribute.strategy_handle(strategy).algorithm,  # what --all_reduce=auto chose
-        "devices": list(strategy.extended.worker_devices),
+        # what --all_reduce=auto chose
+        "all_reduce_algorithm": (hvd_run.all_reduce.algorithm if hvd_run is not None
+                                 else distribute.strategy_handle(strategy).algorithm),
+        "devices": (hvd_run.devices() if hvd_run is not None else list(strategy.extended.worker_devices)),
+        "backend": config["backend"],
         "config": config,
         "versions": {"tfscale": tfscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                      "python": platform.python_version()},
