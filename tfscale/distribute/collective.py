@@ -42,9 +42,9 @@ import tensorflow as tf
 from tfscale import _tf_compat
 from tfscale.distribute import algorithms
 from tfscale.distribute import packing
+from tfscale.distribute import rank_schedule
 from tfscale.distribute import topology
 from tfscale.distribute import validation
-from tfscale.distribute.algorithms import schedule as schedule_lib
 
 __all__ = [
     "ALGORITHMS",
@@ -199,14 +199,24 @@ class MultiWorkerAllReduce:
     def _launcher(self, group, local_replica):
         key = (group, local_replica)
         if key not in self._launchers:
-            if self._tokens[local_replica] is None:
-                self._tokens[local_replica] = _tf_compat.new_ordering_token(self.local_devices[local_replica])
+            device = self.local_devices[local_replica]
+            if tf.DeviceSpec.from_string(device).device_type == "CPU":
+                # One ordering token per group: collectives of one group run in program order, those of different
+                # groups (a node's reduce-scatter of pack p + 1 and the inter-node all-reduce of pack p) overlap.
+                # Every member issues a group's collectives in the same order (the same program, phase-major).
+                token = _tf_compat.new_ordering_token(device)
+            else:
+                # GPUs: NCCL kernels of different communicators can deadlock if launched concurrently in
+                # different orders, so every collective of the device runs in program order (as MWMS's own).
+                if self._tokens[local_replica] is None:
+                    self._tokens[local_replica] = _tf_compat.new_ordering_token(device)
+                token = self._tokens[local_replica]
             self._launchers[key] = _tf_compat.SubgroupLauncher(
                 group_key=self._group_keys[group],
                 group_size=len(group),
-                device=self.local_devices[local_replica],
+                device=device,
                 instance_keys=self._instance_keys,
-                ordering_token=self._tokens[local_replica],
+                ordering_token=token,
                 timeout_seconds=self.timeout_seconds,
                 communication_hint=self.communication_hint,
             )
@@ -246,61 +256,45 @@ class MultiWorkerAllReduce:
         device = self.local_devices[local_replica]
         with tf.device(device):
             packs, spec = packing.pack(values, self.bytes_per_pack)
-            reduced = [self._reduce_pack(p, local_replica) for p in packs]
+            # The phase walk, wire dtypes and padding are `rank_schedule`'s (shared with the Horovod backend),
+            # phase-major over the packs so that the tiers overlap; the collectives are TF's, one group key per
+            # group of ranks (`_TFCollectives`).
+            reduced = rank_schedule.run_rank_schedules(
+                packs, self.replica_id(local_replica), self.schedule, self.small_schedule,
+                _TFCollectives(self, local_replica), compression=self.compression,
+                small_pack_bytes=self.small_pack_bytes)
             return packing.unpack(reduced, spec)
 
-    def _reduce_pack(self, x, local_replica):
-        """Runs the schedule on one 1-D pack `x`; returns the sum in `x`'s dtype.
 
-        Every collective carries the pack's wire dtype (`packing.wire_dtype`: the compression's, or the pack's
-        own) and every all-reduce one fixed dtype, whatever the local dtype of the partial sum, so that ranks
-        that took part in different phases before (e.g. the fold of a non-power-of-two halving-doubling) send
-        the same dtype; local sums are in the accumulation dtype.
-        """
-        dtype = x.dtype
-        acc = packing.accumulation_dtype(dtype)
-        wire_dtype = packing.wire_dtype(dtype, self.compression)
-        # All-reduces add on the wire: in the compression's dtype when there is one (no bfloat16 kernels: then
-        # float32), else in the accumulation dtype (float32 for 16-bit packs).
-        reduce_comp = None if wire_dtype == tf.bfloat16 else self.compression
-        reduce_dtype = packing.wire_dtype(acc, reduce_comp)
-        small = int(x.shape[0]) * dtype.size < self.small_pack_bytes
-        schedule = self.small_schedule if small else self.schedule
-        me = self.replica_id(local_replica)
-        t = x
-        lengths = []  # Length before each reduce-scatter, to trim the padding at its all-gather.
-        dropped = None  # Length of the piece given up at a `reduce`, until its `broadcast`.
-        for phase in schedule.phases:
-            where = phase.position(me)
-            if where is None:
-                continue
-            group = phase.groups[where[0]]
-            member = where[1]
-            k = len(group)
-            launcher = self._launcher(group, local_replica)
-            if phase.kind == schedule_lib.REDUCE_SCATTER:
-                n = int(t.shape[0])
-                wire = packing.decompress(t, wire_dtype)
-                chunk = -(-n // k)
-                if wire.dtype == tf.bfloat16:
-                    chunk += chunk % 2  # Even, to bit-cast pairs of bf16 into int32.
-                if chunk * k != n:
-                    wire = tf.pad(wire, [[0, chunk * k - n]])
-                received = _move(launcher.all_to_all, tf.reshape(wire, [k, chunk]), [k, chunk])
-                t = tf.reduce_sum(packing.decompress(received, acc), axis=0)
-                lengths.append(n)
-            elif phase.kind == schedule_lib.ALL_GATHER:
-                n = lengths.pop()
-                chunk = int(t.shape[0])
-                full = _move(launcher.all_gather, packing.decompress(t, wire_dtype), [k * chunk])
-                t = full[:n] if k * chunk != n else full
-            else:  # all_reduce, reduce, broadcast: one all-reduce of the group.
-                if phase.kind == schedule_lib.BROADCAST and member != phase.root:
-                    t = tf.zeros([dropped], reduce_dtype)
-                t = packing.decompress(launcher.all_reduce(packing.decompress(t, reduce_dtype)), acc)
-                if phase.kind == schedule_lib.REDUCE and member != phase.root:
-                    dropped, t = int(t.shape[0]), None
-        return packing.decompress(t, dtype)
+class _TFCollectives(rank_schedule.RankCollectives):
+    """TF's collective ops for one local replica of a `MultiWorkerAllReduce`.
+
+    ``reduce_scatter`` is an ``all_to_all`` of the ``k`` chunks followed by a local sum in the accumulation dtype
+    (TF has no reduce-scatter kernel on CPU; FINDINGS.md); ``all_gather`` and ``all_reduce`` are TF's
+    ``all_gather_v2`` and ``all_reduce_v2``; bfloat16 data movement is bit-cast to int32 (`_move`).
+    """
+
+    def __init__(self, owner, local_replica):
+        self._owner = owner
+        self._local_replica = local_replica
+
+    def _launcher(self, group):
+        return self._owner._launcher(group, self._local_replica)  # pylint: disable=protected-access
+
+    def reduce_scatter(self, t, group, member, key, acc_dtype):
+        del member, key
+        k = len(group)
+        chunk = int(t.shape[0]) // k
+        received = _move(self._launcher(group).all_to_all, tf.reshape(t, [k, chunk]), [k, chunk])
+        return tf.reduce_sum(packing.decompress(received, acc_dtype), axis=0)
+
+    def all_gather(self, t, group, member, key):
+        del member, key
+        return _move(self._launcher(group).all_gather, t, [len(group) * int(t.shape[0])])
+
+    def all_reduce(self, t, group, member, key):
+        del member, key
+        return self._launcher(group).all_reduce(t)
 
 
 def _move(collective, t, out_shape):
