@@ -11,7 +11,10 @@ The data flow of one gradient all-reduce:
 * Backends run any schedule on the packs: in one process (`local.ScheduledAllReduce`, a
   `tf.distribute.CrossDeviceOps` built on `primitives`; `TorusAllReduce` and
   `HierarchicalAllReduce` are its named forms), and across processes on TF's collective
-  runtime (`collective.MultiWorkerAllReduce`, installed by `create_multi_worker_strategy`).
+  runtime (`collective.MultiWorkerAllReduce`, installed by `create_multi_worker_strategy`), and
+  one Horovod process per rank (`tfscale.distribute.horovod`, imported only on demand: it needs
+  the environment of ``tools/setup_horovod_env.sh``). The two multi-process backends share one
+  per-rank phase walker (`rank_schedule`).
 * `create_strategy` turns a name into a ready strategy; `strategy_handle` returns what
   tfscale attached to it. `cluster` resolves the cluster, `watchdog` and `failures` handle
   dead or hung workers. Every private TF/Keras API is in `_tf_compat`.
