@@ -199,14 +199,24 @@ class MultiWorkerAllReduce:
     def _launcher(self, group, local_replica):
         key = (group, local_replica)
         if key not in self._launchers:
-            if self._tokens[local_replica] is None:
-                self._tokens[local_replica] = _tf_compat.new_ordering_token(self.local_devices[local_replica])
+            device = self.local_devices[local_replica]
+            if tf.DeviceSpec.from_string(device).device_type == "CPU":
+                # One ordering token per group: collectives of one group run in program order, those of different
+                # groups (a node's reduce-scatter of pack p + 1 and the inter-node all-reduce of pack p) overlap.
+                # Every member issues a group's collectives in the same order (the same program, phase-major).
+                token = _tf_compat.new_ordering_token(device)
+            else:
+                # GPUs: NCCL kernels of different communicators can deadlock if launched concurrently in
+                # different orders, so every collective of the device runs in program order (as MWMS's own).
+                if self._tokens[local_replica] is None:
+                    self._tokens[local_replica] = _tf_compat.new_ordering_token(device)
+                token = self._tokens[local_replica]
             self._launchers[key] = _tf_compat.SubgroupLauncher(
                 group_key=self._group_keys[group],
                 group_size=len(group),
-                device=self.local_devices[local_replica],
+                device=device,
                 instance_keys=self._instance_keys,
-                ordering_token=self._tokens[local_replica],
+                ordering_token=token,
                 timeout_seconds=self.timeout_seconds,
                 communication_hint=self.communication_hint,
             )
@@ -246,19 +256,14 @@ class MultiWorkerAllReduce:
         device = self.local_devices[local_replica]
         with tf.device(device):
             packs, spec = packing.pack(values, self.bytes_per_pack)
-            reduced = [self._reduce_pack(p, local_replica) for p in packs]
+            # The phase walk, wire dtypes and padding are `rank_schedule`'s (shared with the Horovod backend),
+            # phase-major over the packs so that the tiers overlap; the collectives are TF's, one group key per
+            # group of ranks (`_TFCollectives`).
+            reduced = rank_schedule.run_rank_schedules(
+                packs, self.replica_id(local_replica), self.schedule, self.small_schedule,
+                _TFCollectives(self, local_replica), compression=self.compression,
+                small_pack_bytes=self.small_pack_bytes)
             return packing.unpack(reduced, spec)
-
-    def _reduce_pack(self, x, local_replica):
-        """Runs the schedule on one 1-D pack `x`; returns the sum in `x`'s dtype.
-
-        The phase walk, wire dtypes and padding are `rank_schedule.run_rank_schedule`'s (shared with the Horovod
-        backend); the collectives are TF's, on one group key per group of ranks (`_TFCollectives`).
-        """
-        return rank_schedule.run_rank_schedule(
-            x, self.replica_id(local_replica), self.schedule, self.small_schedule,
-            _TFCollectives(self, local_replica), compression=self.compression,
-            small_pack_bytes=self.small_pack_bytes)
 
 
 class _TFCollectives(rank_schedule.RankCollectives):
