@@ -144,11 +144,11 @@ def run_worker(flags_obj):
                           "params": {k: list(v) if isinstance(v, tuple) else v for k, v in choice.params.items()}}
             if base.worker_rank == 0:
                 print(f"[{case}] " + choice.describe(), flush=True)
-            reducers["auto"] = collective.MultiWorkerAllReduce(
+            reducers["auto"] = None if choice.algorithm == "collective" else collective.MultiWorkerAllReduce(
                 choice.algorithm, base.local_devices, base.worker_rank, num_workers,
                 bytes_per_pack=flags_obj.bytes_per_pack, compression=compression,
                 timeout_seconds=flags_obj.timeout_seconds, key_base=(90 + case_index) * 1_000_000,
-                small_pack_bytes=flags_obj.small_pack_bytes, **choice.params)
+                small_pack_bytes=flags_obj.small_pack_bytes, **choice.params)  # collective: MWMS's own
         rng = np.random.RandomState(base.worker_rank)
         with tf.device(device):
             grads = [tf.Variable(rng.standard_normal(s).astype("float32"), trainable=False) for s in shapes]
@@ -263,8 +263,8 @@ def _predictions(all_results, flags_obj):
                     continue
                 algorithm, params = picked
                 kwargs.update(params)
-                if name == "default":  # MWMS's own: one fused ring all-reduce.
-                    kwargs = {"num_packs": 1}
+                if algorithm == "collective" or name == "default":  # MWMS's own: one fused ring all-reduce.
+                    algorithm, kwargs = "flat", {"num_packs": 1}
                 elif name == "torus_rs":
                     kwargs["small_pack_bytes"] = 0
                 predicted = planning.allreduce_cost(algorithm, cluster, num_bytes, **kwargs).total_s * 1e3
@@ -309,7 +309,10 @@ def _auto_rows(all_results, flags_obj):
             best = min(others, key=lambda a: med[a])
             picked = _column_params("auto", n, nodes, flags_obj, r.get("auto_choice"))
             same, noise = [], []
-            if picked is not None:
+            if picked is not None and picked[0] == "collective":  # MWMS's own: the default column's code
+                same = ["default"]
+                noise = [_spread(_paired_ratio(all_ms["auto"], all_ms["default"]))]
+            elif picked is not None:
                 auto_phases = _phases(n, *picked)
                 phases = {}
                 for a in others:
@@ -396,31 +399,41 @@ def _fit_tiers(all_results, flags_obj):
     return held_out
 
 
-def _auto_held_out(all_results, flags_obj, tagged):
-    """What ``auto`` with a calibration would pick on each emulated cell, and how that pick measured.
+def _auto_held_out(all_results, flags_obj, tagged=None):
+    """What ``auto`` would pick on each cell now, and how that pick measured.
 
-    For each emulated topology the two-tier fit of the *other* topologies at the same card speed is the
-    calibration (held out, as in `_held_out`); `tfscale.planning.choose_all_reduce` picks with it, and the pick
-    is looked up among the measured columns that run the identical schedule. Returns the rows.
+    With `tagged` (the cells as `TierSample`s), emulated cells only: for each topology the two-tier fit of the
+    *other* topologies at the same card speed is the calibration (held out, as in `_held_out`). Without it,
+    every cell, with auto's built-in links and the card's bandwidth, as a run would pick today.
+    `tfscale.planning.choose_all_reduce` picks, and the pick is looked up among the measured columns that run
+    the identical schedule. Returns the rows.
     """
     from tfscale import planning
+    from tfscale.distribute import cluster as cluster_lib
 
     rows = []
     for res in all_results:
         topology = str(res.get("topology", res["num_workers"]))
         n, nodes = res["num_workers"], res.get("nodes", 1)
         speed = topology.split("@")[-1]
-        rest = [t[3] for t in tagged if t[0] != topology and t[0].split("@")[-1] == speed]
-        if nodes < 2 or not rest:
-            continue
-        calibration = {"fits": planning.fit_two_tier(rest).to_fits(n // nodes)}
+        if tagged is not None:
+            rest = [t[3] for t in tagged if t[0] != topology and t[0].split("@")[-1] == speed]
+            if nodes < 2 or not rest:
+                continue
+            calibration, bandwidth = {"fits": planning.fit_two_tier(rest).to_fits(n // nodes)}, None
+        else:
+            calibration = None
+            bandwidth = cluster_lib.parse_bandwidth(speed) if "@" in topology else None
         for case, r in res["cases"].items():
             choice = planning.choose_all_reduce(
-                planning.Topology(n, n // nodes, "processes"), 4 * r["num_elements"], calibration,
+                planning.Topology(n, n // nodes, "processes", bandwidth), 4 * r["num_elements"], calibration,
                 bytes_per_pack=flags_obj.bytes_per_pack, small_pack_bytes=flags_obj.small_pack_bytes)
-            picked = _phases(n, choice.algorithm, choice.params)
-            columns = [a for a in r["median_ms"] if a not in ("auto", "default", "torus_rs")]
-            same = [a for a in columns if _phases(n, *_column_params(a, n, nodes, flags_obj)) == picked]
+            if choice.algorithm == "collective":  # MWMS's own all-reduce: the default column
+                same = ["default"]
+            else:
+                picked = _phases(n, choice.algorithm, choice.params)
+                columns = [a for a in r["median_ms"] if a not in ("auto", "default", "torus_rs")]
+                same = [a for a in columns if _phases(n, *_column_params(a, n, nodes, flags_obj)) == picked]
             best = min((a for a in r["median_ms"] if a != "auto"), key=lambda a: r["median_ms"][a])
             ratio = min((_paired_ratio(r["all_ms"][a], r["all_ms"][best]) for a in same), default=None)
             rows.append({"topology": topology, "case": case, "picked": choice.alternatives[0][0],
@@ -430,9 +443,10 @@ def _auto_held_out(all_results, flags_obj, tagged):
         ratio = "not measured" if row["pick_over_best"] is None else f"{row['pick_over_best']:.2f}"
         lines.append(f"| {row['topology']} | {row['case']} | {row['picked']} | {', '.join(row['measured_as']) or '—'} "
                      f"| {row['best']} | {ratio} |")
-    print("\nall_reduce=auto with a held-out two-tier calibration (fit on the other topologies at the same card "
-          "speed): its pick, measured as the column with the identical schedule, against the best column "
-          "(median of per-round paired ratios)")
+    print("\nall_reduce=auto " + ("with a held-out two-tier calibration (fit on the other topologies at the same "
+                                   "card speed)" if tagged is not None else "as it picks today (built-in links)")
+          + ": its pick, measured as the column with the identical schedule, against the best column (median of "
+          "per-round paired ratios)")
     print("\n".join(lines))
     return rows
 
@@ -484,7 +498,7 @@ def _plot(rows, path):
     fig, ax = plt.subplots(figsize=(6, 5))
     for topology in sorted({r["topology"] for r in rows}):
         mine = [r for r in rows if r["topology"] == topology]
-        ax.scatter([r["measured_ms"] for r in mine], [r["predicted_ms"] for r in mine], label=topology, s=18)
+        ax.scatter([r["measured_ms"] for r in mine], [r["predicted_ms"] for r in mine], label=topology, s=18, zorder=3)
     lo = min(min(r["measured_ms"], r["predicted_ms"]) for r in rows) * 0.8
     hi = max(max(r["measured_ms"], r["predicted_ms"]) for r in rows) * 1.25
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="exact")
@@ -515,6 +529,7 @@ def run(flags_obj):
         print(_prediction_table(rows))
         print("\nall_reduce=auto against the best alternative (ratios: medians of per-round paired ratios)")
         print(_auto_table(_auto_rows(summary["results"], flags_obj)))
+        _auto_held_out(summary["results"], flags_obj)
         print(f"load average when measured: {summary.get('load_average')}")
         if flags_obj.plot:
             _plot(rows, flags_obj.plot)
