@@ -98,6 +98,35 @@ def test_warmup_cosine_table():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+
+def _old_warmup_cosine(peak, warmup, total, end, epoch):
+    """tfscale's own warm-up + cosine formula before it was built on Keras's CosineDecay (numpy, float64)."""
+    fraction = np.clip((epoch - warmup) / (total - warmup), 0.0, 1.0)
+    decayed = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * fraction))
+    return np.where(epoch < warmup, peak * epoch / warmup if warmup > 0 else peak, decayed)
+
+
+@pytest.mark.parametrize(
+    "peak, warmup, total, end, clock",
+    [
+        (1.6, 1.0, 12, 0.0, 234),  # train.py's fashion_mnist default with --lr_schedule=warmup_cosine
+        (3.2, 5.0, 90, 1e-4, [[0, 312], [10, 156], [30, 78]]),  # batch-size control: three phases
+        (0.5, 0.0, 4, 0.05, 7),  # no warm-up
+        (2.0, 2.5, 6, 0.2, [[0, 10], [3, 5]]),  # fractional warm-up, a phase change after it
+    ],
+)
+def test_warmup_cosine_equals_the_former_formula(peak, warmup, total, end, clock):
+    """Built on keras.optimizers.schedules.CosineDecay, the schedule keeps the values of tfscale's former formula
+    at every step (including after the end of training and across batch-size phases)."""
+    s = WarmupCosineDecay(peak, warmup_epochs=warmup, total_epochs=total, steps_per_epoch=clock,
+                          end_learning_rate=end)
+    last = steps_before_epoch(int(total) + 2, clock)
+    steps = sorted(set(np.linspace(0, last, 400).astype(int).tolist()))
+    epochs = np.array([float(epochs_from_steps(tf.constant(k, tf.int64), clock)) for k in steps])
+    np.testing.assert_allclose(_values(s, steps), _old_warmup_cosine(peak, warmup, total, end, epochs),
+                               rtol=2e-6, atol=2e-7 * peak)
+    assert isinstance(s._in_epochs, keras.optimizers.schedules.CosineDecay)
+
 # --- WarmupPiecewise / SlowStart ----------------------------------------------
 
 

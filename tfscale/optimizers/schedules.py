@@ -392,6 +392,13 @@ class WarmupCosineDecay(_WarmupDecay):
     after Goyal et al.'s linear warm-up (arXiv:1706.02677), as in He et al., "Bag of
     Tricks for Image Classification", arXiv:1812.01187.
 
+    The formula is Keras's `keras.optimizers.schedules.CosineDecay` with
+    `initial_learning_rate=0`, `warmup_target=peak`, `alpha=end / peak`,
+    `warmup_steps=w` and `decay_steps=T - w`, evaluated at the fractional epoch
+    instead of the step: only the epoch clock (`steps_per_epoch`, which keeps the
+    schedule continuous when batch-size control changes the steps per epoch) is
+    tfscale's own.
+
     Args:
         peak_learning_rate: float > 0, the LR at the end of the warm-up.
         warmup_epochs: float >= 0, must be < `total_epochs`.
@@ -421,9 +428,19 @@ class WarmupCosineDecay(_WarmupDecay):
     ):
         super().__init__(peak_learning_rate, warmup_epochs, total_epochs, steps_per_epoch,
                          end_learning_rate, name)
+        # Keras's warm-up + cosine schedule, with epochs in the place of its steps.
+        self._in_epochs = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0,
+            decay_steps=self.total_epochs - self.warmup_epochs,
+            alpha=self.end_learning_rate / self.peak_learning_rate,
+            warmup_target=self.peak_learning_rate,
+            warmup_steps=self.warmup_epochs,
+            name=name or "WarmupCosineDecay",
+        )
 
-    def _decay(self, fraction, peak, end):
-        return end + (peak - end) * 0.5 * (1.0 + tf.cos(math.pi * fraction))
+    def __call__(self, step):
+        with tf.name_scope(self.name or type(self).__name__):
+            return self._in_epochs(epochs_from_steps(step, self._phases))
 
 
 @keras.saving.register_keras_serializable(package="tfscale")
