@@ -106,15 +106,16 @@ def check_example(serialized, image_key, label_key, label_offset, num_classes, m
     if num_classes is not None:
         in_range = tf.logical_and(in_range, label64 < num_classes)
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
-    reason = tf.case(
-        [
-            (tf.equal(tf.strings.length(image_bytes), 0), lambda: tf.constant(MISSING_IMAGE)),
-            (tf.equal(raw_label, _MISSING_LABEL), lambda: tf.constant(MISSING_LABEL)),
-            (tf.logical_not(is_jpeg), lambda: tf.constant(NOT_JPEG)),
-            (tf.logical_not(in_range), lambda: tf.constant(LABEL_RANGE)),
-        ],
-        default=lambda: tf.constant(OK),
-    )
+    # The first failing check gives the reason, branch-free (a `tf.case` would nest one conditional per check in
+    # every record's map).
+    reason = tf.constant(OK)
+    for failed, code in reversed([
+        (tf.equal(tf.strings.length(image_bytes), 0), MISSING_IMAGE),
+        (tf.equal(raw_label, _MISSING_LABEL), MISSING_LABEL),
+        (tf.logical_not(is_jpeg), NOT_JPEG),
+        (tf.logical_not(in_range), LABEL_RANGE),
+    ]):
+        reason = tf.where(failed, code, reason)
 
     def header_reason():
         shape = tf.io.extract_jpeg_shape(image_bytes, output_type=tf.int64)

@@ -235,7 +235,8 @@ def _as_dataset_pipeline(name, split, is_training, image_size, batch_size, input
     unsupported = sorted(set(kwargs) - {"num_classes", "dtype", "normalize", "train_crop", "area_range",
                                         "aspect_ratio_range", "max_attempts", "pad_pixels", "central_fraction",
                                         "resize_method", "flip", "mean", "stddev", "repeat", "drop_remainder",
-                                        "shuffle_buffer_size", "deterministic", "private_threadpool_size"})
+                                        "shuffle_buffer_size", "deterministic", "private_threadpool_size",
+                                        "autotune"})
     if unsupported:
         raise ValueError(f"reader='as_dataset' does not support the arguments {unsupported}; use reader='files' "
                          "(TFRecord shards) for them.")
@@ -300,6 +301,10 @@ def _as_dataset_pipeline(name, split, is_training, image_size, batch_size, input
     options.deterministic = deterministic
     threads = kwargs.get("private_threadpool_size")
     options.threading.private_threadpool_size = os.cpu_count() or 1 if threads is None else int(threads)
+    # As imagenet_dataset: no autotuning for a finite evaluation pass (its finished iterator would block its
+    # destruction for up to a minute).
+    autotune = kwargs.get("autotune")
+    options.autotune.enabled = is_training if autotune is None else bool(autotune)
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
