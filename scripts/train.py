@@ -756,7 +756,8 @@ def run(flags_obj) -> dict:
         is_chief = worker_rank == 0
     if multi_worker:
         # TF's coordination service catches SIGTERM (preemption notice) and the worker would go on until the
-        # launcher's SIGKILL; a stopped worker should stop now (its backup is written atomically).
+        # launcher's SIGKILL; a worker stopped before training starts should stop now. From the model's compile on,
+        # the PreemptionCallback below handles SIGTERM: every worker backs up the same step and stops.
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -861,15 +862,15 @@ def run(flags_obj) -> dict:
         backup = hvd_run.restore_only_backup(backup_dir)  # only rank 0 writes; every rank resumes from it
     else:
         backup = training.SafeBackupAndRestore(backup_dir)  # atomic; keeps the last good epoch on NaN
-    if not multi_worker and hvd_run is None:
-        # Preemption: SIGTERM backs up the state at the end of the current step and stops (TrainingPreempted); the
-        # same command resumes at that step. (A multi-worker worker stops at once instead, see above.)
-        import signal
-
-        signal.signal(signal.SIGTERM, backup.request_stop)
+    preemption = []
+    if hvd_run is None:
+        # Preemption, through TF's PreemptionCheckpointHandler: SIGTERM to any worker (or to this one process) makes
+        # every worker back up the same step and stop (TrainingPreempted, exit 143); the same command resumes there.
+        preemption = [training.PreemptionCallback(backup, getattr(strategy, "cluster_resolver", None))]
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         backup,
+        *preemption,  # after the backup: it backs up the step the backup callback has just seen end
         training.ThroughputCallback(batch_schedule.global_batch_size),
         tdata.SkippedRecordsLogger(skipped),
     ]

@@ -108,10 +108,10 @@ def _seconds_from_results_to_exit(args, timeout=600):
     return code, (ended - printed) if printed else None
 
 
-# Part 2: no exit hang. The issue asks for 10 jobs; 3 keep the test under a few minutes on 2 cores.
+# Part 2: no exit hang: 10 short jobs, as the issue asks (a few minutes on 2 cores, hence slow).
 @pytest.mark.slow
 def test_the_process_ends_within_5_seconds_of_the_results(tiny_records, tmp_path):
-    for i in range(3):
+    for i in range(10):
         code, seconds = _seconds_from_results_to_exit(
             ["--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={tmp_path / str(i)}", "--epochs=1",
              "--steps_per_epoch=2", "--warmup_epochs=0", *FAST])
@@ -214,3 +214,57 @@ def test_sigterm_mid_epoch_saves_the_step_and_the_same_command_resumes_there(mor
 
     run_to_run = max_difference(again, reference)
     assert max_difference(model_dir, reference) <= 2 * run_to_run + 1e-3, run_to_run
+
+
+# A launcher worker that records its pid, then becomes train.py (exec keeps the pid).
+_PID_RECORDING_WORKER = """
+import json, os, sys
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+with open(os.path.join(sys.argv[1], f"worker{index}.pid"), "w") as f:
+    f.write(str(os.getpid()))
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_makes_every_worker_back_up_the_same_step_and_stop(more_records, tmp_path):
+    """Across workers (issue 15): SIGTERM to worker 1 only; both workers back up the same step and stop with exit
+    143 (TF's PreemptionCheckpointHandler agrees on the step), and the same command resumes both there."""
+    import re
+    import signal
+
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(_PID_RECORDING_WORKER)
+    model_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tfscale.launch", "--num_workers", "2", "--grace_seconds", "60", "--",
+               sys.executable, str(wrapper), str(tmp_path), TRAIN, "--dataset=imagenet",
+               f"--data_dir={more_records}", f"--model_dir={model_dir}", "--epochs=2", "--warmup_epochs=0",
+               "--model=resnet8", "--image_size=28", "--global_batch_size=8", "--num_classes=10",
+               "--eval_every_epochs=2"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (model_dir / "logs" / "train").exists():  # the chief's TensorBoard: training has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        time.sleep(4)
+        os.kill(int((tmp_path / "worker1.pid").read_text()), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-4000:]
+    stops = dict(re.findall(r"\[worker (\d)\].*preempted \(SIGTERM\): training stopped by request at (epoch \d+, "
+                            r"step \d+)", out))
+    assert set(stops) == {"0", "1"} and stops["0"] == stops["1"], out[-4000:]
+    epoch, step = map(int, re.fullmatch(r"epoch (\d+), step (\d+)", stops["0"]).groups())
+    assert 1 <= step < 256  # mid-epoch: 2,048 images / 8 per step
+
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-4000:]
+    starts = dict(re.findall(r"\[worker (\d)\].*Resuming epoch (\d+ at step \d+)", out))
+    assert starts == {"0": f"{epoch} at step {step + 1}", "1": f"{epoch} at step {step + 1}"}, out[-4000:]
+    with open(model_dir / "results.json") as f:
+        assert json.load(f)["epochs_run"] == list(range(epoch - 1, 2))

@@ -75,3 +75,54 @@ def test_stop_backs_up_the_step_and_resume_matches_an_uninterrupted_run(tmp_path
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not os.path.exists(backup_dir)  # a finished run deletes its backup, as Keras does
+
+
+class SigtermAt(keras.callbacks.Callback):
+    """Sends this process SIGTERM at the start of one training step, as a preemption notice does."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch, self.current = epoch, batch, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.current, batch) == (self.epoch, self.batch):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_through_tf_preemption_handler_backs_up_a_step_and_resume_matches(tmp_path):
+    """PreemptionCallback (TF's PreemptionCheckpointHandler in one process): SIGTERM during step S of epoch E
+    backs up the state a step or two later, raises TrainingPreempted, and the resumed run ends where an
+    uninterrupted one ends."""
+    import signal
+
+    reference = _model()
+    _fit(reference, [])
+    backup_dir = str(tmp_path / "backup")
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        backup = training.SafeBackupAndRestore(backup_dir)
+        stop = training.PreemptionCallback(backup)  # installs its SIGTERM handler
+        with pytest.raises(training.TrainingPreempted) as stopped:
+            _fit(_model(), [SigtermAt(1, 4), backup, stop])
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    assert stopped.value.epoch == 1 and 5 <= stopped.value.step <= 6, (stopped.value.epoch, stopped.value.step)
+    with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+        assert json.load(f) == {"epoch": 1, "batch": stopped.value.step}
+
+    model = _model()
+    history = _fit(model, [training.SafeBackupAndRestore(backup_dir)])
+    assert history.epoch == [1, 2]
+    assert int(model.optimizer.iterations.numpy()) == 3 * STEPS
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_preemption_callback_needs_a_safe_backup():
+    with pytest.raises(TypeError, match="backup"):
+        training.PreemptionCallback(keras.callbacks.BackupAndRestore("/tmp/x"))

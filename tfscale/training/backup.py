@@ -88,7 +88,9 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     Preemption: `request_stop()` (safe to call from a signal handler, e.g. SIGTERM) makes the next training-step
     end back up the state at that step (metadata ``{"epoch": E, "batch": S}``: epoch E interrupted after S steps) and
     raise `TrainingPreempted` out of `fit`; no epoch end, evaluation or clean-up runs, and the backup is kept.
-    `fit_with_batch_schedule` resumes such a backup at that step (`resume_step`).
+    `fit_with_batch_schedule` resumes such a backup at that step (`resume_step`). `back_up_current_step()` does the
+    backup without the stop; `tfscale.training.PreemptionCallback` uses it to make every worker of a cluster back up
+    the same step when any one of them is told to stop.
 
     Attributes:
       diverged_epoch: None, or the 0-based epoch whose loss was not finite (that epoch was not backed up).
@@ -110,6 +112,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.step_offset = 0  # steps of the current epoch done before this fit began (a resumed partial epoch)
         self._stop_requested = False
         self._epoch = 0
+        self._batch = -1  # the last training step that ended in the current fit (0-based), -1 before the first
 
     def request_stop(self, *unused_signal_args):
         """Asks for a backup at the end of the current training step and a `TrainingPreempted` stop.
@@ -120,6 +123,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._batch = -1
 
     @property
     def weights_path(self):
@@ -188,12 +192,26 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._save(epoch + 1)
 
     def on_train_batch_end(self, batch, logs=None):
+        self._batch = batch
         if not self._stop_requested:
             return  # otherwise save_freq="epoch" only
         self._stop_requested = False
-        step = self.step_offset + batch + 1
+        raise self.back_up_current_step()
+
+    def back_up_current_step(self):
+        """Backs up the state after the last training step that ended (metadata ``{"epoch": E, "batch": S}``).
+
+        Returns:
+          A `TrainingPreempted` (not raised) naming the epoch, the steps of it done and the backup directory.
+
+        Raises:
+          RuntimeError: if no training step of this epoch has ended yet.
+        """
+        if self._batch < 0 and not self.step_offset:
+            raise RuntimeError("back_up_current_step() needs a training step of the current epoch to have ended.")
+        step = self.step_offset + self._batch + 1
         self._save(self._epoch, step=step)
-        raise TrainingPreempted(self._epoch, step, self.backup_dir)
+        return TrainingPreempted(self._epoch, step, self.backup_dir)
 
     def _save(self, epochs_done, step=0):
         weights, metadata = self.weights_path, self.metadata_path
