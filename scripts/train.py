@@ -632,10 +632,12 @@ class HorovodRun:
         return RestoreOnly(backup_dir)
 
     def work_alone(self):
-        """From now on this rank works alone: the BN layers stop using the other ranks."""
+        """Ends the collective part, on every rank at the same point: the BN layers stop using the other ranks and
+        Horovod shuts down (a rank leaving without it would break the others' Horovod background loop)."""
         from tfscale import _cross_replica
 
         _cross_replica.install(None)
+        self._thvd.import_horovod().shutdown()
 
     def devices(self):
         return [f"horovod:rank{r}" for r in range(self.size)]
@@ -914,9 +916,11 @@ def run(flags_obj) -> dict:
                 f"stopped and {kept}. No model.keras or results.json was written. Lower --base_lr or lengthen "
                 "--warmup_epochs; a resume with the same flags would diverge again.")
         if hvd_run is not None:
-            if not is_chief:  # the weights are the same on every rank: rank 0 evaluates and writes alone
+            # Every rank is here together (the last collective was the epoch's metric average): Horovod shuts down
+            # on all of them at once, and rank 0 evaluates and writes alone (the weights are the same everywhere).
+            hvd_run.work_alone()
+            if not is_chief:
                 return {"rank": hvd_run.rank, "backend": "horovod"}
-            hvd_run.work_alone()  # no collective from here on (group BN is plain BN in inference anyway)
         # Keras reports the mean of per-replica accuracies; count the exact top-1/top-5 over every evaluation image.
         plain_eval_ds = dataset_fn(batch_schedule.global_batch_size(0), False, tf.distribute.InputContext())
         if hvd_run is not None:
