@@ -308,25 +308,11 @@ def test_fit_under_mirrored_strategy_with_counter_and_logger(records_with_bad_on
     assert 1 <= logged[0] <= logged[1] <= counter.result()
 
 
-def test_evaluation_runs_without_autotuning_and_its_finished_iterator_is_destroyed_at_once(unique_label_records):
-    """Keras's fit destroys the previous validation iterator at every validation. With tf.data autotuning on, a
-    finished iterator is destroyed only when its autotuning thread next wakes up (18 s after a 20 s pause here;
-    29-78 s per validation in the default job), so evaluation pipelines run without it; training keeps it."""
-    import time
-
+def test_evaluation_pipelines_run_without_autotuning(unique_label_records):
+    """Evaluation pipelines turn tf.data autotuning off (a finished iterator with autotuning on was destroyed only
+    when its autotuning thread next woke up: 29-78 s per validation in the default job); training keeps it.
+    Whether that removes the default job's validation stalls is still to be measured (docs/benchmarks.md)."""
     pattern, _ = unique_label_records
     assert pipeline.imagenet_dataset(pattern, True, 16, 5).options().autotune.enabled is True
-    evaluation = pipeline.imagenet_dataset(pattern, False, 16, 5)
-    assert evaluation.options().autotune.enabled is False
+    assert pipeline.imagenet_dataset(pattern, False, 16, 5).options().autotune.enabled is False
     assert pipeline.imagenet_dataset(pattern, False, 16, 5, autotune=True).options().autotune.enabled is True
-
-    def seconds_to_destroy(ds, pause=8.0):
-        iterator = iter(ds)
-        for _ in iterator:  # a whole pass, as a validation does
-            pass
-        time.sleep(pause)
-        start = time.perf_counter()
-        del iterator
-        return time.perf_counter() - start
-
-    assert seconds_to_destroy(evaluation) < 2.0
