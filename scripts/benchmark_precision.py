@@ -27,6 +27,7 @@ import sys
 from absl import app
 from absl import flags
 
+from tfscale import _atomic
 from tfscale.planning import timing
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,9 +131,7 @@ def run(flags_obj):
                flags_obj.num_replicas, "steps": flags_obj.steps, "train_flags": flags_obj.train_flags, "rows": rows,
                "runs": loads, "table": text}
     output = flags_obj.output or os.path.join(flags_obj.model_dir, "summary.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(summary, f, indent=1)
+    _atomic.write_json_atomic(output, summary, trailing_newline=False, indent=1)
     return summary
 
 
