@@ -144,11 +144,11 @@ def run_worker(flags_obj):
                           "params": {k: list(v) if isinstance(v, tuple) else v for k, v in choice.params.items()}}
             if base.worker_rank == 0:
                 print(f"[{case}] " + choice.describe(), flush=True)
-            reducers["auto"] = collective.MultiWorkerAllReduce(
+            reducers["auto"] = None if choice.algorithm == "collective" else collective.MultiWorkerAllReduce(
                 choice.algorithm, base.local_devices, base.worker_rank, num_workers,
                 bytes_per_pack=flags_obj.bytes_per_pack, compression=compression,
                 timeout_seconds=flags_obj.timeout_seconds, key_base=(90 + case_index) * 1_000_000,
-                small_pack_bytes=flags_obj.small_pack_bytes, **choice.params)
+                small_pack_bytes=flags_obj.small_pack_bytes, **choice.params)  # collective: MWMS's own
         rng = np.random.RandomState(base.worker_rank)
         with tf.device(device):
             grads = [tf.Variable(rng.standard_normal(s).astype("float32"), trainable=False) for s in shapes]
@@ -263,7 +263,7 @@ def _predictions(all_results, flags_obj):
                     continue
                 algorithm, params = picked
                 kwargs.update(params)
-                if name == "default":  # MWMS's own: one fused ring all-reduce.
+                if algorithm == "collective" or name == "default":  # MWMS's own: one fused ring all-reduce.
                     algorithm, kwargs = "flat", {"num_packs": 1}
                 elif name == "torus_rs":
                     kwargs["small_pack_bytes"] = 0
@@ -309,7 +309,10 @@ def _auto_rows(all_results, flags_obj):
             best = min(others, key=lambda a: med[a])
             picked = _column_params("auto", n, nodes, flags_obj, r.get("auto_choice"))
             same, noise = [], []
-            if picked is not None:
+            if picked is not None and picked[0] == "collective":  # MWMS's own: the default column's code
+                same = ["default"]
+                noise = [_spread(_paired_ratio(all_ms["auto"], all_ms["default"]))]
+            elif picked is not None:
                 auto_phases = _phases(n, *picked)
                 phases = {}
                 for a in others:
@@ -425,9 +428,12 @@ def _auto_held_out(all_results, flags_obj, tagged=None):
             choice = planning.choose_all_reduce(
                 planning.Topology(n, n // nodes, "processes", bandwidth), 4 * r["num_elements"], calibration,
                 bytes_per_pack=flags_obj.bytes_per_pack, small_pack_bytes=flags_obj.small_pack_bytes)
-            picked = _phases(n, choice.algorithm, choice.params)
-            columns = [a for a in r["median_ms"] if a not in ("auto", "default", "torus_rs")]
-            same = [a for a in columns if _phases(n, *_column_params(a, n, nodes, flags_obj)) == picked]
+            if choice.algorithm == "collective":  # MWMS's own all-reduce: the default column
+                same = ["default"]
+            else:
+                picked = _phases(n, choice.algorithm, choice.params)
+                columns = [a for a in r["median_ms"] if a not in ("auto", "default", "torus_rs")]
+                same = [a for a in columns if _phases(n, *_column_params(a, n, nodes, flags_obj)) == picked]
             best = min((a for a in r["median_ms"] if a != "auto"), key=lambda a: r["median_ms"][a])
             ratio = min((_paired_ratio(r["all_ms"][a], r["all_ms"][best]) for a in same), default=None)
             rows.append({"topology": topology, "case": case, "picked": choice.alternatives[0][0],

@@ -397,7 +397,7 @@ class _TfscaleCollectiveAllReduce(_CollectiveAllReduceBase):
 
     def _all_reduce(self, reduce_op, value, replica_id, options):
         if self._reduce_fn is None:
-            return super()._all_reduce(reduce_op, value, replica_id, options)
+            return self._runtime_all_reduce(reduce_op, value, replica_id, options)
         flat = _nest.flatten(value)
         dense = [i for i, v in enumerate(flat) if _is_dense_float(v)]
         other = [i for i, v in enumerate(flat) if i not in set(dense)]
@@ -413,6 +413,28 @@ class _TfscaleCollectiveAllReduce(_CollectiveAllReduceBase):
         if other:
             reduced = super()._all_reduce(reduce_op, [flat[i] for i in other], replica_id, options)
             for i, r in zip(other, reduced):
+                results[i] = r
+        return _nest.pack_sequence_as(value, results)
+
+    def _runtime_all_reduce(self, reduce_op, value, replica_id, options):
+        """MWMS's own all-reduce, one call per dtype of the dense values (sorted by name, the same on every worker).
+
+        TF's ``CollectiveAllReduce`` concatenates one call's dense tensors into one buffer, which fails when they
+        have different dtypes (``ConcatV2 ... types that don't all match``); with one dtype this is its one call.
+        """
+        flat = _nest.flatten(value)
+        groups = {}
+        for i, v in enumerate(flat):
+            # IndexedSlices are all-reduced one by one by TF anyway; dense values are grouped by dtype.
+            key = "" if isinstance(v, _indexed_slices.IndexedSlices) else v.dtype.name
+            groups.setdefault(key, []).append(i)
+        if len(groups) <= 1:
+            return super()._all_reduce(reduce_op, value, replica_id, options)
+        results = [None] * len(flat)
+        for key in sorted(groups):
+            indices = groups[key]
+            reduced = super()._all_reduce(reduce_op, [flat[i] for i in indices], replica_id, options)
+            for i, r in zip(indices, reduced):
                 results[i] = r
         return _nest.pack_sequence_as(value, results)
 

@@ -93,12 +93,17 @@ def _strategy(args):
 
         _toy_algorithm.register()
     kwargs = {} if args.small_pack_bytes < 0 else {"small_pack_bytes": args.small_pack_bytes}
-    return collective.create_multi_worker_strategy(
+    strategy = collective.create_multi_worker_strategy(
         algorithm=args.algorithm, grid_shape=args.grid_shape or None,
         devices_per_node=args.devices_per_node or None, compression=args.compression or None,
         timeout_seconds=args.timeout_seconds, bytes_per_pack=args.bytes_per_pack,
         per_collective_timeout=args.per_collective_timeout, **kwargs,
     )
+    if args.runtime_all_reduce:
+        from tfscale.distribute import multi_worker  # noqa: PLC0415
+
+        multi_worker.use_all_reduce(strategy, None)
+    return strategy
 
 
 def _rank(strategy):
@@ -223,6 +228,8 @@ def main(argv):
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--algorithm", default="torus")
     parser.add_argument("--register_toy", action="store_true", help="register tests/distribute/_toy_algorithm.py first")
+    parser.add_argument("--runtime_all_reduce", action="store_true",
+                        help="then switch to MWMS's own all-reduce (use_all_reduce(strategy, None), auto's 'collective')")
     parser.add_argument("--grid_shape", default="")
     parser.add_argument("--devices_per_node", type=int, default=0)
     parser.add_argument("--compression", default="")

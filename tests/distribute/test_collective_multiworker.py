@@ -121,6 +121,8 @@ ALLREDUCE_CASES = [
                  id="3w-halving_doubling-fold", marks=pytest.mark.slow),
     # An algorithm registered by the test only (tests/distribute/_toy_algorithm.py).
     pytest.param(2, 1, ["--algorithm", "toy_reduce_broadcast", "--register_toy"], None, id="2w-toy-registered"),
+    # MWMS's own all-reduce (auto's "collective" pick) on values of three dtypes: one runtime call per dtype.
+    pytest.param(2, 2, ["--algorithm", "flat", "--runtime_all_reduce"], None, id="2wx2d-runtime-mixed-dtypes"),
     # The cost model picks the algorithm (one host: a uniform link).
     pytest.param(2, 2, ["--algorithm", "auto"], None, id="2wx2d-auto"),
     pytest.param(4, 1, ["--algorithm", "hierarchical", "--devices_per_node", "2"], None,

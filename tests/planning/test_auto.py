@@ -67,3 +67,20 @@ def test_describe_lists_every_alternative():
     assert text.startswith(f"all_reduce=auto chose {choice.algorithm}")
     for label, _ in choice.alternatives:
         assert label in text
+
+
+def test_across_nodes_a_flat_choice_is_the_runtimes_own_all_reduce():
+    """Across nodes (no compression) the runtime's own fused all-reduce is a candidate, priced as flat in one pack;
+    it is never offered inside one host (where tfscale's packed flat measured faster) or with compression."""
+    two_nodes = planning.Topology(8, 4, "processes", inter_node_bandwidth_bytes_per_s=50 * MB)
+    small = planning.choose_all_reduce(two_nodes, 800_000)
+    assert small.algorithm == "collective" and small.params == {}
+    times = dict(small.alternatives)
+    assert times["collective (MWMS's own flat all-reduce)"] <= times["flat"]
+    large = planning.choose_all_reduce(two_nodes, 100 * MB)
+    assert large.algorithm in ("hierarchical", "torus")  # the tiers still decide large messages
+    one_host = planning.choose_all_reduce(planning.Topology(8, 8, "processes"), 800_000)
+    assert one_host.algorithm == "flat"
+    assert not any(label.startswith("collective") for label, _ in one_host.alternatives)
+    compressed = planning.choose_all_reduce(two_nodes, 800_000, compression="fp16")
+    assert compressed.algorithm != "collective"

@@ -87,3 +87,13 @@ def test_auto_with_a_held_out_calibration_picks_the_measured_best(bench):
         assert row["measured_as"], row
         assert row["pick_over_best"] == pytest.approx(1.0, abs=0.02), row
 
+
+def test_auto_today_maps_the_runtimes_all_reduce_to_the_default_column(bench):
+    all_ms = {"default": [50.0, 52.0, 49.0], "flat": [56.0, 58.0, 55.0], "torus": [90.0, 91.0, 92.0],
+              "hierarchical": [93.0, 95.0, 94.0], "auto": [57.0, 56.0, 55.0]}
+    cell = {"median_ms": {k: sorted(v)[1] for k, v in all_ms.items()}, "all_ms": all_ms, "num_elements": 200_000,
+            "auto_choice": {"label": "flat", "algorithm": "flat", "params": {}}}
+    results = [{"num_workers": 8, "nodes": 2, "topology": "2x4@400mbit", "cases": {"small": cell}}]
+    (row,) = bench._auto_held_out(results, _Flags)
+    assert row["picked"].startswith("collective") and row["measured_as"] == ["default"]
+    assert row["pick_over_best"] == pytest.approx(1.0)

@@ -110,7 +110,8 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         whose addresses share a host share a node; `TFSCALE_INTER_NODE_BANDWIDTH`, set by
         the emulated cluster of `tfscale.launch`, gives the network's bandwidth), every
         worker the same, and the chief prints the choice and the prediction for each
-        alternative.
+        alternative. Across nodes, without compression, it may pick ``"collective"``: MWMS's own
+        flat all-reduce (then ``strategy_handle(strategy).all_reduce`` is None).
       grid_shape: torus grid over all replicas: None (most square), ``"RxC"`` or
         ``(rows, cols)``; ``rows * cols`` must equal ``num_workers * devices_per_worker``.
       devices_per_node: hierarchical only: replicas per node; default: the replicas of the workers that share
@@ -192,12 +193,14 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
             cluster_resolver = cluster_lib.make_cluster_resolver(info)
     num_gpus = len(tf.config.list_physical_devices("GPU"))
     per_worker = devices_per_worker or (num_gpus if num_gpus else 1)
-    params, choice = {}, None
+    params, choice, runtime_all_reduce = {}, None, False
     if auto:
         addresses = info.workers if info is not None else _addresses(cluster_resolver)
         choice = _choose(addresses, per_worker, gradient_bytes, calibration_file, bytes_per_pack, compression,
                          small_pack_bytes)
         algorithm, params = choice.algorithm, dict(choice.params)
+        if algorithm == "collective":  # MWMS's own flat all-reduce (installed below, after the strategy exists)
+            algorithm, runtime_all_reduce = "flat", True
         grid_shape = params.pop("grid_shape", None)
         devices_per_node = params.pop("devices_per_node", None)
         if info is None or info.rank == 0:
@@ -249,6 +252,9 @@ def create_multi_worker_strategy(algorithm="torus", grid_shape=None, devices_per
         cross_device_ops=_tf_compat.cross_device_ops(strategy), all_reduce=reducer,
         watchdog=watchdog_lib.CollectiveWatchdog(timeout_seconds), auto_choice=choice,
         worker_rank=reducer.worker_rank, num_workers=workers))
+    if runtime_all_reduce:
+        use_all_reduce(strategy, None)
+        handle_lib.strategy_handle(strategy).algorithm = "collective"
     return strategy
 
 

@@ -45,6 +45,8 @@ DEFAULT_INTER_NODE = dict(latency_s=50e-6, bandwidth_bytes_per_s=1.25e9)
 """Built-in link between nodes (10 Gbit/s Ethernet) when no calibration or bandwidth is given."""
 
 _SHARED_MEMORY_CHOICE = "reduction_to_one_device"
+RUNTIME_CHOICE = "collective"
+"""The runtime's own all-reduce (MWMS's ``CollectiveAllReduce``: one fused all-reduce, NCCL on GPUs)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,8 @@ class AutoChoice:
     """The algorithm `choose_all_reduce` picked, and why.
 
     Attributes:
-      algorithm: str, a registered algorithm name or ``"reduction_to_one_device"``.
+      algorithm: str, a registered algorithm name, ``"reduction_to_one_device"`` (logical devices of one
+        CPU), or ``"collective"`` (the runtime's own flat all-reduce, MWMS's ``CollectiveAllReduce``).
       params: dict, its topology parameters (``grid_shape``, ``devices_per_node``, ...).
       bytes_per_pack: int or None, the fusion threshold to use (None: the backend's default).
       predicted_s: float or None, predicted seconds of one all-reduce of the gradients.
@@ -232,6 +235,15 @@ def choose_all_reduce(topology, num_bytes, calibration=None, bytes_per_pack=None
                                          small_pack_bytes=small_pack_bytes, **params)
         label = name + ("" if not params else " " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
         rows.append((cost.total_s, len(cost.phases), label, name, params))
+    if topology.kind == "processes" and topology.num_nodes > 1 and wire is None:
+        # Across nodes, the runtime's own flat all-reduce (one fused buffer; it cannot compress) is a candidate:
+        # the same flat schedule in one pack. Measured on emulated 2- and 4-node clusters, it was level with or
+        # 3-13% faster than tfscale's packed flat on large messages (docs/benchmarks_multiworker.md); inside one
+        # host tfscale's packed flat was 12-39% faster, so it is offered across nodes only. It sorts before
+        # `flat` when they tie (a small message is one pack either way).
+        cost = cost_model.allreduce_cost("flat", cluster, num_bytes, num_packs=1)
+        rows.append((cost.total_s, len(cost.phases), f"{RUNTIME_CHOICE} (MWMS's own flat all-reduce)",
+                     RUNTIME_CHOICE, {}))
     rows.sort(key=lambda r: (round(r[0], 12), r[1], r[2]))
     best = rows[0]
     tiers = (f"{topology.num_nodes} node(s) of {topology.ranks_per_node}, intra {cluster.intra_node.bandwidth_bytes_per_s / 1e6:.0f} MB/s"
