@@ -141,6 +141,31 @@ def test_configure_logical_devices_fresh_process(tmp_path):
     assert proc.stdout.split()[-2:] == ["3", "TorusAllReduce"]
 
 
+def test_more_logical_devices_than_cores_run_one_thread_per_op(tmp_path):
+    """Oversubscribed logical CPU devices get 1 intra-op thread, unless the user set one; fewer keep TF's default."""
+    import os
+    import subprocess
+    import sys
+
+    cores = os.cpu_count() or 1
+    code = ("import sys, tensorflow as tf\n"
+            "from tfscale.distribute import configure_logical_devices\n"
+            "configure_logical_devices(int(sys.argv[1]))\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+    def intra_op_threads(num_devices, **extra_env):
+        proc = subprocess.run([sys.executable, "-c", code, str(num_devices)], capture_output=True, text=True,
+                              timeout=120, env={**env, **extra_env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    assert intra_op_threads(cores + 1) == 1
+    assert intra_op_threads(cores) == 0  # TF's default: all cores
+    assert intra_op_threads(cores + 1, TF_NUM_INTRAOP_THREADS="3") == 0  # the user's choice wins (read by TF)
+
+
 def test_public_surface():
     import inspect
 

@@ -71,3 +71,47 @@ def test_evaluate_top_k_counts_exactly_and_ignores_padding():
     assert result == {"top1": 1 / 3, "top2": 2 / 3, "top5": 1.0, "num_examples": 3}
     with pytest.raises(ValueError, match="non-zero weight"):
         training.evaluate_top_k(model, ds.take(0))
+
+
+def _live_distributed_iterators():
+    import gc
+
+    import tensorflow as tf
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, tf.distribute.DistributedIterator))
+
+
+def _fit_with_distributed_validation(devices, release):
+    """3 epochs with validation on 2 replicas; returns (val_loss per epoch, live iterators per epoch end, callback)."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(devices)
+    x = np.arange(64 * 4, dtype="float32").reshape(64, 4) / 100.0
+    y = x.sum(axis=1, keepdims=True)
+    train = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat())
+    val = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+    live = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # after the epoch's validation and its on_test_end
+            live.append(_live_distributed_iterators())
+
+    release_cb = training.ReleaseValidationIterator()
+    callbacks = [release_cb, Count()] if release else [Count()]
+    history = model.fit(train, steps_per_epoch=4, epochs=3, validation_data=val, callbacks=callbacks, verbose=0)
+    return history.history["val_loss"], live, release_cb
+
+
+def test_release_validation_iterator_drops_the_finished_iterator_and_changes_no_result(cpu_devices):
+    """After a validation pass only the training iterator is alive with the callback; two without it."""
+    val_loss_kept, live_kept, _ = _fit_with_distributed_validation(cpu_devices[:2], release=False)
+    val_loss, live, callback = _fit_with_distributed_validation(cpu_devices[:2], release=True)
+    assert live_kept[-1] >= 2, live_kept  # Keras keeps the finished validation iterator until the next pass
+    assert live == [1, 1, 1], live  # the training iterator only
+    assert callback.released == 3
+    np.testing.assert_allclose(val_loss, val_loss_kept, rtol=1e-6)

@@ -10,6 +10,7 @@ from tfscale.training.batch_size_control import BatchSizeSchedule
 from tfscale.training.batch_size_control import fit_with_batch_schedule
 from tfscale.training.bn_statistics import RecomputeBatchNormStatistics
 from tfscale.training.preemption import PreemptionCallback
+from tfscale.training.callbacks import ReleaseValidationIterator
 from tfscale.training.callbacks import ThroughputCallback
 from tfscale.training.evaluation import evaluate_top_k
 from tfscale.training.results import write_results
@@ -18,6 +19,7 @@ __all__ = [
     "BatchSizeSchedule",
     "PreemptionCallback",
     "RecomputeBatchNormStatistics",
+    "ReleaseValidationIterator",
     "SafeBackupAndRestore",
     "ThroughputCallback",
     "TrainingPreempted",
