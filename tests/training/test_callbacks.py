@@ -86,7 +86,9 @@ def _fit_with_distributed_validation(devices, release):
     """3 epochs with validation on 2 replicas; returns (val_loss per epoch, live iterators per epoch end, callback)."""
     import tensorflow as tf
 
-    strategy = tf.distribute.MirroredStrategy(devices)
+    # An explicit one-level reduction: MirroredStrategy's default on CPUs uses collectives whose group key 1 is
+    # process-wide, and an earlier test's 4-device group would make this 2-device one fail.
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
     x = np.arange(64 * 4, dtype="float32").reshape(64, 4) / 100.0
     y = x.sum(axis=1, keepdims=True)
     train = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat())
