@@ -17,11 +17,9 @@ Example:
   python scripts/benchmark_precision.py --reps=3 --output=/tmp/benchmark_precision.json
 """
 
-import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 
 from absl import app
@@ -103,19 +101,12 @@ def run(flags_obj):
                    f"--jit_compile={str(jit).lower()}", f"--num_replicas={flags_obj.num_replicas}", "--epochs=1",
                    f"--steps_per_epoch={flags_obj.steps}", "--warmup_epochs=0", f"--model_dir={model_dir}",
                    "--overwrite", *shlex.split(flags_obj.train_flags)]
-            before = timing.load_average()
             print(f"== round {rep + 1}/{flags_obj.reps}, {name}: {' '.join(cmd)}", flush=True)
-            proc = subprocess.run(cmd, cwd=_REPO, timeout=flags_obj.timeout_seconds, capture_output=True, text=True)
-            path = os.path.join(model_dir, "results.json")
-            if proc.returncode != 0 or not os.path.exists(path):
-                raise RuntimeError(f"The {name} run failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
-            with open(path) as f:
-                results = json.load(f)
-            if not results["images_per_second"]:
-                raise RuntimeError(f"The {name} run recorded no images/s (too few steps?): {path}")
+            results, before, after = timing.run_training_job(cmd, model_dir, name, flags_obj.timeout_seconds,
+                                                             cwd=_REPO, capture_output=True)
             samples[(dtype, jit)].append(results["images_per_second"])
             batch = results["config"]["global_batch_size"]
-            loads.append({"cell": name, "round": rep + 1, "load_before": before, "load_after": timing.load_average(),
+            loads.append({"cell": name, "round": rep + 1, "load_before": before, "load_after": after,
                           "images_per_second": results["images_per_second"], "top1": results["top1"]})
             print(f"   {results['images_per_second']:,.0f} images/s", flush=True)
     rows = []

@@ -23,11 +23,9 @@ The machine must be otherwise idle: every run shares its cores. The 1-minute loa
 recorded before and after each run.
 """
 
-import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 from absl import app
@@ -108,22 +106,15 @@ def run(flags_obj):
         cmd = [sys.executable, "-m", "tfscale.launch", *launch_flags, "--",
                sys.executable, os.path.join(_REPO, "scripts", "train.py"), f"--all_reduce={name}",
                f"--model_dir={model_dir}", "--overwrite", *train_flags]
-        load_before = timing.load_average()
         print(f"== {name}: {' '.join(cmd)}", flush=True)
-        code = subprocess.call(cmd, cwd=_REPO, timeout=flags_obj.timeout_seconds)
-        path = os.path.join(model_dir, "results.json")
-        if code != 0 or not os.path.exists(path):
-            raise RuntimeError(f"The --all_reduce={name} run failed with exit code {code}; see its output above.")
-        with open(path) as f:
-            results = json.load(f)
+        results, load_before, load_after = timing.run_training_job(
+            cmd, model_dir, f"--all_reduce={name}", flags_obj.timeout_seconds, cwd=_REPO)
         ips = results["images_per_second"]
-        if not ips:
-            raise RuntimeError(f"The --all_reduce={name} run recorded no images/s (too few steps?): {path}")
         batch = results["config"]["global_batch_size"]
         rows.append({"all_reduce": name, "algorithm": results["all_reduce_algorithm"], "images_per_second": ips,
                      "step_ms": 1e3 * batch / ips, "wall_seconds": results["wall_seconds"],
-                     "top1": results["top1"], "load_before": load_before, "load_after": timing.load_average(),
-                     "results": path})
+                     "top1": results["top1"], "load_before": load_before, "load_after": load_after,
+                     "results": os.path.join(model_dir, "results.json")})
     text = table(rows)
     print(text)
     print(f"load average (1, 5, 15 min) before/after each run: "

@@ -4,15 +4,20 @@ Pure Python. `time_interleaved` runs every candidate once per round, round after
 that a drift in machine load hits all candidates alike and their ratios stay comparable in
 one run (what `scripts/benchmark_allreduce.py`, `scripts/benchmark_allreduce_multiworker.py`
 and `scripts/plan_allreduce.py --calibrate` report). `load_average` records how quiet the
-machine was, which every figure in `docs/` carries.
+machine was, which every figure in `docs/` carries. `run_training_job` runs one training
+job (`scripts/train.py`, possibly under the launcher) and reads back its `results.json`, for the
+benchmarks that compare whole jobs side by side (`scripts/benchmark_training.py`,
+`scripts/benchmark_precision.py`).
 """
 
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
 import time
 
-__all__ = ["Timings", "load_average", "time_interleaved"]
+__all__ = ["Timings", "load_average", "run_training_job", "time_interleaved"]
 
 
 @dataclasses.dataclass
@@ -81,3 +86,36 @@ def time_interleaved(calls, reps, warmup=0, before=None):
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     return Timings(wall, cpu, load_average())
+
+
+def run_training_job(cmd, model_dir, name, timeout_seconds, cwd=None, capture_output=False):
+    """Runs one training job to the end and returns its `results.json` with the load around it.
+
+    Args:
+      cmd: list of str, the command (e.g. ``[python, "scripts/train.py", "--model_dir=...", ...]``).
+      model_dir: str, the job's `--model_dir`, where it writes `results.json`.
+      name: str, how errors name the job (e.g. ``"--all_reduce=torus"``).
+      timeout_seconds: float > 0, limit on the job's wall time, in seconds.
+      cwd: optional str, working directory of the job.
+      capture_output: bool, keep the job's output (shown only when it fails) instead of passing it through.
+        Default False.
+
+    Returns:
+      `(results, load_before, load_after)`: the parsed `results.json` (dict) and `load_average()` before and
+      after the job.
+
+    Raises:
+      RuntimeError: if the job exits non-zero, writes no `results.json` or records no images/s.
+      subprocess.TimeoutExpired: if it runs longer than `timeout_seconds`.
+    """
+    load_before = load_average()
+    proc = subprocess.run(cmd, cwd=cwd, timeout=timeout_seconds, capture_output=capture_output, text=True)
+    path = os.path.join(model_dir, "results.json")
+    if proc.returncode != 0 or not os.path.exists(path):
+        output = f":\n{proc.stderr[-3000:]}" if capture_output else "; see its output above."
+        raise RuntimeError(f"The {name} run failed with exit code {proc.returncode}{output}")
+    with open(path) as f:
+        results = json.load(f)
+    if not results.get("images_per_second"):
+        raise RuntimeError(f"The {name} run recorded no images/s (too few steps?): {path}")
+    return results, load_before, load_average()
