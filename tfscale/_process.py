@@ -16,14 +16,17 @@ import traceback
 __all__ = ["HARMLESS_TF_MESSAGE", "exit_promptly", "quiet_tensorflow_logs", "run_and_exit_promptly"]
 
 #: Lines TensorFlow's C++ runtime writes to stderr on every CPU-only run, or at the end of every pass over a
-#: finite dataset, that say nothing is wrong: dropped unless the program is run with `--verbosity`.
+#: finite dataset, that say nothing is wrong: dropped unless the program is run with `--verbosity`. The
+#: `CacheDataset` line comes from iterators dropped before the end of a cached pass (seen once before the first
+#: epoch of train.py's `fit`, and at the end of a run shorter than one epoch): TF discards the partial cache and the
+#: next iterator fills it from the start, so nothing is lost in tfscale's pipelines, which cache before any `take`.
 HARMLESS_TF_MESSAGE = re.compile(
     rb"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|failed call to cuInit|Could not find cuda drivers|cuda_(platform|executor|diagnostics)\.cc"
     rb"|oneDNN custom operations are on|This TensorFlow binary is optimized to use available CPU instructions"
     rb"|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered"
     rb"|GeneratorDatasetOp|MultiDeviceIteratorGetNextFromShard|Local rendezvous is aborting with status"
-    rb"|End of sequence|TF-TRT Warning"
+    rb"|End of sequence|TF-TRT Warning|The calling iterator did not fully read the dataset being cached"
 )
 
 _filter = None  # the process's HarmlessMessageFilter, when quiet_tensorflow_logs installed one
