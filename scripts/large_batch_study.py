@@ -152,12 +152,13 @@ def define_flags():
                        "other processes (runnable threads outside the cell, averaged like the kernel's) exceeds "
                        "this during the cell.")
     flags.DEFINE_float("load_sample_seconds", 5.0, "Seconds between load samples while a cell runs.")
-    flags.DEFINE_list("estimate_epoch_seconds", ["256:52", "4096:72"],
+    flags.DEFINE_list("estimate_epoch_seconds", ["256:38", "4096:42"],
                       "BATCH:SECONDS of one training epoch (evaluation excluded) for the wall-time estimate, "
-                      "interpolated linearly in log2(batch); measured on the 2-core machine with the default data "
-                      "(README: 1,246 images/s at 256; docs/optimizers.md: 937-1,004 s for 12 epochs at 4096). "
+                      "interpolated linearly in log2(batch); measured on the quiet 2-core machine with the default "
+                      "data (the --quick cells of docs/large_batch_quick.md, 2026-12-02). "
                       "Finished cells' measured figures replace them.")
-    flags.DEFINE_float("estimate_eval_seconds", 5.0, "Seconds of one validation pass, for the estimate.")
+    flags.DEFINE_float("estimate_eval_seconds", 2.2, "Seconds of one validation pass, for the estimate (measured: "
+                       "5.4% of the training loop in the --quick cells).")
     flags.DEFINE_float("estimate_cell_overhead_seconds", 60.0, "Seconds per cell outside the epochs (start-up, "
                        "tracing, the final exact evaluation, saving), for the estimate.")
     _STUDY_FLAGS[:] = sorted(set(FLAGS) - before)
@@ -1268,19 +1269,19 @@ def _method_section(settings, cells, records, estimate):
                   "the training loop"
                   + (" (over 15%: consider `--eval_every_epochs=2`)." if share > 0.15 else "."), ""]
     else:
+        epoch_256 = dict(settings.estimate_epoch_seconds).get(256, settings.estimate_epoch_seconds[0][1])
         lines += [f"Not measured yet (the cells record `eval_seconds` per epoch). Estimated at "
                   f"{settings.estimate_eval_seconds:g} s per pass over the 10,000 test images against about "
-                  f"{dict(settings.estimate_epoch_seconds).get(256, settings.estimate_epoch_seconds[0][1]):g} s of "
-                  "training per epoch at batch 256 (~10%), so every epoch is validated.", ""]
+                  f"{epoch_256:g} s of training per epoch at batch 256 "
+                  f"(~{100 * settings.estimate_eval_seconds / epoch_256:.0f}%), so every epoch is validated.", ""]
     lines += ["### Wall time", "",
               f"Estimated for the {len(cells)} planned cells: **{_hours(estimate['total_seconds'])}**, "
               f"{_hours(estimate['remaining_seconds'])} still to run. Per-epoch training seconds "
               + ", ".join(f"{b}: {s:.0f} s" for b, s in estimate["epoch_seconds_points"])
               + f" ({estimate['epoch_seconds_source']}), interpolated in log2(batch); plus "
               f"{settings.estimate_eval_seconds:g} s per validation and {settings.estimate_cell_overhead_seconds:g} s "
-              "per cell. The defaults come from the default job on the 2-core machine: 1,246 training images/s at "
-              "batch 256 (README: 639 s for 12 epochs, i.e. about 53 s per epoch with evaluation every 4 epochs) and "
-              "937-1,004 s for 12 epochs at batch 4096 (docs/optimizers.md, on a shared machine). "
+              "per cell. The defaults were measured in the `--quick` cells on the quiet 2-core machine "
+              "(docs/large_batch_quick.md: 1,709 training images/s at batch 256, 1,431-1,539 at 4096). "
               "`--dry_run` lists every cell, its train.py command and its estimate.", "",
               "| part | cells | estimated hours |", "|---|---|---|"]
     lines += [f"| {role} | {n} | {seconds / 3600:.1f} |" for role, (n, seconds) in estimate["per_role"].items()]
