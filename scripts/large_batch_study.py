@@ -7,9 +7,11 @@ same code path as the main job: every cell is a subprocess
       --eval_every_epochs=1 <the recipe's flags> [--base_lr=...] [--train_flag values]
 
 with a timeout, so a crash or a hang of one cell cannot take the study down. The cell's `results.json` is read
-back and one JSON per cell is written to `<study_dir>/results/<cell_id>.json` (top-1, top-5, wall time, steps,
+back and one JSON per cell is written to `<results_dir>/<cell_id>.json` (top-1, top-5, wall time, steps,
 images/s, the time and steps to reach 90% and 91% validation top-1, the load averages and a `loaded` flag); all of
-them together go to `<study_dir>/study.json`. At the end the study writes `docs/large_batch.md` with the table, the
+them together go to `<study_dir>/study.json`. The results directory sits beside the doc (default
+`docs/data/large_batch/`), so the cell JSONs are committed with the page made from them: the study can be run a
+few cells at a time on different machines, and a fresh clone skips the cells that have finished. At the end the study writes `docs/large_batch.md` with the table, the
 plots (`docs/large_batch_top1_vs_batch.png`, `docs/large_batch_val_top1_b<largest>.png`) and the exact command.
 
 The grid (defaults):
@@ -133,8 +135,12 @@ def define_flags():
     flags.DEFINE_multi_string("train_flag", [], "An extra flag for every cell's train.py, e.g. "
                               "--train_flag=--data_dir=/data/fm (repeatable). It may not set "
                               f"{', '.join('--' + f for f in STUDY_CONTROLLED_FLAGS)}.")
-    flags.DEFINE_string("study_dir", None, "Where cells/, results/, logs/ and study.json go (default: "
-                        "runs/large_batch_study, or runs/large_batch_study_quick with --quick).")
+    flags.DEFINE_string("study_dir", None, "Where the cells' model directories (cells/), their logs (logs/) and "
+                        "study.json go (default: runs/large_batch_study, or runs/large_batch_study_quick with "
+                        "--quick).")
+    flags.DEFINE_string("results_dir", None, "Where the one JSON per cell goes, read back to skip finished cells and "
+                        "to write the doc (default: beside the doc, <doc dir>/data/<doc name without .md>, e.g. "
+                        "docs/data/large_batch; commit it with the doc).")
     flags.DEFINE_string("doc_path", None, "The Markdown report; its PNGs go beside it (default: docs/large_batch.md, "
                         "or docs/large_batch_quick.md with --quick).")
     flags.DEFINE_string("train_script", DEFAULT_TRAIN_SCRIPT, "The training script each cell runs.")
@@ -198,6 +204,12 @@ class Settings:
     estimate_eval_seconds: float
     estimate_cell_overhead_seconds: float
     rerun_loaded: bool
+    results_dir: str | None = None  # None: <study_dir>/results
+
+    @property
+    def records_dir(self) -> str:
+        """The directory of the cell JSONs."""
+        return self.results_dir or os.path.join(self.study_dir, "results")
 
     @property
     def largest_batch(self) -> int:
@@ -326,6 +338,8 @@ def settings_from_flags(flags_obj) -> Settings:
     doc_path = flags_obj["doc_path"].value or os.path.join("docs", f"large_batch{suffix}.md")
     if not doc_path.endswith(".md"):
         raise ValueError(f"Flag --doc_path must name a .md file. Received: --doc_path={doc_path!r}")
+    results_dir = flags_obj["results_dir"].value or os.path.join(
+        os.path.dirname(doc_path), "data", os.path.basename(doc_path)[:-len(".md")])
     return Settings(
         batches=tuple(sorted(batches)), recipes=tuple(recipes), epochs=epochs,
         baseline_check=_value(flags_obj, "baseline_check", quick), baseline_batch=baseline_batch,
@@ -338,7 +352,7 @@ def settings_from_flags(flags_obj) -> Settings:
         estimate_epoch_seconds=tuple(sorted(estimate)),
         estimate_eval_seconds=flags_obj["estimate_eval_seconds"].value,
         estimate_cell_overhead_seconds=flags_obj["estimate_cell_overhead_seconds"].value,
-        rerun_loaded=flags_obj["rerun_loaded"].value,
+        rerun_loaded=flags_obj["rerun_loaded"].value, results_dir=results_dir,
     )
 
 
@@ -485,7 +499,7 @@ def peak_learning_rate(resolved: dict, batch: int) -> float | None:
 
 
 def record_path(settings: Settings, cell: Cell) -> str:
-    return os.path.join(settings.study_dir, "results", cell.cell_id + ".json")
+    return os.path.join(settings.records_dir, cell.cell_id + ".json")
 
 
 def load_record(path: str) -> dict | None:
@@ -1010,7 +1024,8 @@ def plot_top1_vs_batch(settings, analysis, path):
     ax.set_ylabel(f"top-1 after {settings.epochs} epochs (%)")
     ax.set_title("Top-1 against global batch at a fixed epoch budget")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn yet: no empty legend (and no matplotlib warning)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1045,7 +1060,8 @@ def plot_val_curves(settings, analysis, records, path):
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(f"Validation top-1 during training, global batch {settings.largest_batch}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn yet: no empty legend (and no matplotlib warning)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1090,7 +1106,7 @@ def write_doc(settings: Settings, cells: list, records: list, command: str, esti
     plots = []
     if not finished:
         lines += ["## Status: nothing has been measured yet", "",
-                  f"No cell of the study has finished (study directory `{settings.study_dir}`: "
+                  f"No cell of the study has finished (results directory `{settings.records_dir}`: "
                   f"{len(failed)} failed or timed-out cell(s), {len(cells)} planned). There are no top-1 figures, no "
                   "critical batches and no plots yet; this page only describes the plan. The timed cells need a "
                   "quiet machine, one cell at a time.", ""]
@@ -1336,7 +1352,7 @@ def _load_records(settings, cells):
 
 
 def _all_records(settings):
-    directory = os.path.join(settings.study_dir, "results")
+    directory = settings.records_dir
     out = []
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
@@ -1391,7 +1407,8 @@ def run(flags_obj) -> dict:
     selected = re.compile(settings.cells_regex) if settings.cells_regex else None
     print(f"Large-batch study: {len(cells)} cells, E = {settings.epochs} epochs, batches "
           f"{list(settings.batches)}, recipes {list(settings.recipes)}, seeds {settings.seeds}, tuning budget "
-          f"{settings.tuning_budget}{' (--quick)' if settings.quick else ''}; study dir {settings.study_dir}")
+          f"{settings.tuning_budget}{' (--quick)' if settings.quick else ''}; study dir {settings.study_dir}, "
+          f"cell results in {settings.records_dir}")
     if flags_obj["dry_run"].value:
         for i, cell in enumerate(cells, 1):
             done = is_finished(records_by_id.get(cell.cell_id), cell, settings)

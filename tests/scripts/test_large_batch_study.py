@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -213,7 +214,7 @@ def test_runs_cells_writes_records_and_doc_and_skips_them_on_rerun(fake):
     proc = _study(_small(fake), env=fake["env"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert _calls(fake) == ["b64-naive-e3-s0", "b128-naive-e3-s0"]
-    results = fake["dir"] / "study" / "results"
+    results = fake["dir"] / "data" / "doc"
     record = json.loads((results / "b64-naive-e3-s0.json").read_text())
     assert record["status"] == "ok" and record["complete"] is True
     assert record["top1"] == pytest.approx(0.89) and record["top5"] == 0.99
@@ -243,9 +244,27 @@ def test_runs_cells_writes_records_and_doc_and_skips_them_on_rerun(fake):
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == mtimes
 
 
+def test_cell_results_live_beside_the_doc_so_a_fresh_clone_skips_finished_cells(fake):
+    """The cell JSONs default to <doc dir>/data/<doc name> (committed with the doc); the study directory (model
+    directories, logs) can be lost, as on a new machine, and the finished cells are still skipped."""
+    assert _study(_small(fake), env=fake["env"]).returncode == 0
+    assert sorted(p.name for p in (fake["dir"] / "data" / "doc").iterdir()) == ["b128-naive-e3-s0.json",
+                                                                                "b64-naive-e3-s0.json"]
+    assert not (fake["dir"] / "study" / "results").exists()
+    shutil.rmtree(fake["dir"] / "study")
+    proc = _study(_small(fake), env=fake["env"])
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "cells: 0 run, 2 skipped (finished), 0 failed" in proc.stdout
+    assert _calls(fake) == ["b64-naive-e3-s0", "b128-naive-e3-s0"]
+    # --results_dir puts them elsewhere (and then nothing is finished there).
+    proc = _study(_small(fake, f"--results_dir={fake['dir'] / 'other'}"), env=fake["env"])
+    assert "cells: 2 run, 0 skipped" in proc.stdout
+    assert (fake["dir"] / "other" / "b64-naive-e3-s0.json").exists()
+
+
 def test_partial_record_is_rerun_from_a_clean_model_dir(fake):
     assert _study(_small(fake), env=fake["env"]).returncode == 0
-    results = fake["dir"] / "study" / "results"
+    results = fake["dir"] / "data" / "doc"
     partial = results / "b128-naive-e3-s0.json"
     partial.write_text(partial.read_text()[:100])  # a cut-off JSON
     # The model_dir still holds the old results.json; the fake train.py, like train.py, refuses a finished run,
@@ -268,7 +287,7 @@ def test_hang_times_out_divergence_is_a_result_and_failures_are_retried(fake):
     proc = _study(args, env=env)
     assert proc.returncode == 1  # failed cells: the study says so in its exit status
     assert "2 cell(s) failed or timed out: b128-naive-e2-s0, b512-naive-e2-s0" in proc.stderr
-    results = fake["dir"] / "study" / "results"
+    results = fake["dir"] / "data" / "doc"
     records = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
     assert records["b64-naive-e2-s0"]["status"] == "ok"
     assert records["b128-naive-e2-s0"]["status"] == "timeout" and not records["b128-naive-e2-s0"]["complete"]
@@ -425,7 +444,7 @@ def test_two_tiny_cells_of_the_real_train_py(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cells: 2 run, 0 skipped (finished), 0 failed" in proc.stdout
     for cell, batch in (("b32-naive-e1-s0", 32), ("b64-naive-e1-s0", 64)):
-        record = json.loads((tmp_path / "study" / "results" / f"{cell}.json").read_text())
+        record = json.loads((tmp_path / "data" / "doc" / f"{cell}.json").read_text())
         assert record["status"] == "ok" and record["global_batch_size"] == batch
         assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
         assert record["steps"] == 2 and record["epochs_run"] == 1
@@ -434,8 +453,8 @@ def test_two_tiny_cells_of_the_real_train_py(tmp_path):
         assert record["cell_runnable_mean"] is None or record["cell_runnable_mean"] >= 0
     doc = (tmp_path / "doc.md").read_text()
     assert re.search(r"\| naive \| \d+\.\d\d \| \d+\.\d\d \|", doc)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "study" / "results").iterdir()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "doc").iterdir()}
     rerun = _study(args, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "cells: 0 run, 2 skipped (finished), 0 failed" in rerun.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "study" / "results").iterdir()} == mtimes
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "doc").iterdir()} == mtimes
