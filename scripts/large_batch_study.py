@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import json
 import math
 import os
@@ -1031,8 +1032,10 @@ def plot_top1_vs_batch(settings, analysis, path):
     plt.close(fig)
 
 
-def plot_val_curves(settings, analysis, records, path):
-    """Validation top-1 (%) against epoch at the largest batch (each recipe's reported cell), baseline dashed."""
+def plot_val_curves(settings, analysis, records, path, batch=None):
+    """Validation top-1 (%) against epoch at `batch` (default: the largest; each recipe's reported cell), baseline
+    dashed. Returns the number of recipe curves drawn; with none, no file is written (and a stale one is removed)."""
+    batch = settings.largest_batch if batch is None else batch
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1042,7 +1045,7 @@ def plot_val_curves(settings, analysis, records, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for recipe in settings.recipes:
-        entry = analysis["entries"][(recipe, settings.largest_batch)]
+        entry = analysis["entries"][(recipe, batch)]
         record = by_id.get(entry["cells"][0]) if entry["cells"] and entry["mean"] is not None else None
         curve = [(e, v) for e, v, _ in (record or {}).get("val_top1_by_epoch") or [] if v is not None]
         if curve:
@@ -1058,12 +1061,14 @@ def plot_val_curves(settings, analysis, records, path):
                 f"{settings.baseline_batch})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(f"Validation top-1 during training, global batch {settings.largest_batch}")
+    ax.set_title(f"Validation top-1 during training, global batch {batch}")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing drawn yet: no empty legend (and no matplotlib warning)
+    if drawn:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    elif os.path.exists(path):
+        os.remove(path)
     plt.close(fig)
     return drawn
 
@@ -1126,14 +1131,24 @@ def write_doc(settings: Settings, cells: list, records: list, command: str, esti
         top_png = os.path.join(doc_dir, f"{stem}_top1_vs_batch.png")
         plot_top1_vs_batch(settings, analysis, top_png)
         plots.append(top_png)
-        curve_png = os.path.join(doc_dir, f"{stem}_val_top1_b{settings.largest_batch}.png")
-        if plot_val_curves(settings, analysis, records, curve_png):
+        # The largest batch, or while the grid is partial the largest batch with a finished cell (said so).
+        measured = [b for b in settings.batches if any(analysis["entries"][(r, b)]["mean"] is not None
+                                                       for r in settings.recipes)]
+        curve_batch = max(measured) if measured else settings.largest_batch
+        curve_png = os.path.join(doc_dir, f"{stem}_val_top1_b{curve_batch}.png")
+        for stale in glob.glob(os.path.join(doc_dir, f"{stem}_val_top1_b*.png")):
+            if stale != curve_png:
+                os.remove(stale)  # an earlier, partial grid's curve at a smaller batch
+        if plot_val_curves(settings, analysis, records, curve_png, batch=curve_batch):
             plots.append(curve_png)
         lines += ["## Plots", ""]
         lines += [f"![top-1 against global batch]({os.path.basename(top_png)})", ""]
         if curve_png in plots:
-            lines += [f"![validation top-1 against epoch at batch {settings.largest_batch}]"
+            lines += [f"![validation top-1 against epoch at batch {curve_batch}]"
                       f"({os.path.basename(curve_png)})", ""]
+            if curve_batch != settings.largest_batch:
+                lines += [f"(At batch {curve_batch}, the largest batch with a finished cell; no cell at batch "
+                          f"{settings.largest_batch} has finished yet.)", ""]
         else:
             lines += [f"(No cell at batch {settings.largest_batch} has finished: no validation curve yet.)", ""]
         lines += _cells_section(finished, failed)
