@@ -11,8 +11,9 @@ back and one JSON per cell is written to `<results_dir>/<cell_id>.json` (top-1, 
 images/s, the time and steps to reach 90% and 91% validation top-1, the load averages and a `loaded` flag); all of
 them together go to `<study_dir>/study.json`. The results directory sits beside the doc (default
 `docs/data/large_batch/`), so the cell JSONs are committed with the page made from them: the study can be run a
-few cells at a time on different machines, and a fresh clone skips the cells that have finished. At the end the study writes `docs/large_batch.md` with the table, the
-plots (`docs/large_batch_top1_vs_batch.png`, `docs/large_batch_val_top1_b<largest>.png`) and the exact command.
+few cells at a time on different machines, and a fresh clone skips the cells that have finished. At the end the
+study writes `docs/large_batch.md` with the table, the plots (`docs/large_batch_top1_vs_batch.png`,
+`docs/large_batch_val_top1_b<largest>.png`) and the exact command.
 
 The grid (defaults):
 
@@ -205,12 +206,7 @@ class Settings:
     estimate_eval_seconds: float
     estimate_cell_overhead_seconds: float
     rerun_loaded: bool
-    results_dir: str | None = None  # None: <study_dir>/results
-
-    @property
-    def records_dir(self) -> str:
-        """The directory of the cell JSONs."""
-        return self.results_dir or os.path.join(self.study_dir, "results")
+    results_dir: str
 
     @property
     def largest_batch(self) -> int:
@@ -500,7 +496,7 @@ def peak_learning_rate(resolved: dict, batch: int) -> float | None:
 
 
 def record_path(settings: Settings, cell: Cell) -> str:
-    return os.path.join(settings.records_dir, cell.cell_id + ".json")
+    return os.path.join(settings.results_dir, cell.cell_id + ".json")
 
 
 def load_record(path: str) -> dict | None:
@@ -1034,7 +1030,7 @@ def plot_top1_vs_batch(settings, analysis, path):
 
 def plot_val_curves(settings, analysis, records, path, batch=None):
     """Validation top-1 (%) against epoch at `batch` (default: the largest; each recipe's reported cell), baseline
-    dashed. Returns the number of recipe curves drawn; with none, no file is written (and a stale one is removed)."""
+    dashed. Returns the number of recipe curves drawn; with none, no file is written."""
     batch = settings.largest_batch if batch is None else batch
     import matplotlib
 
@@ -1067,8 +1063,6 @@ def plot_val_curves(settings, analysis, records, path, batch=None):
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-    elif os.path.exists(path):
-        os.remove(path)
     plt.close(fig)
     return drawn
 
@@ -1111,7 +1105,7 @@ def write_doc(settings: Settings, cells: list, records: list, command: str, esti
     plots = []
     if not finished:
         lines += ["## Status: nothing has been measured yet", "",
-                  f"No cell of the study has finished (results directory `{settings.records_dir}`: "
+                  f"No cell of the study has finished (results directory `{settings.results_dir}`: "
                   f"{len(failed)} failed or timed-out cell(s), {len(cells)} planned). There are no top-1 figures, no "
                   "critical batches and no plots yet; this page only describes the plan. The timed cells need a "
                   "quiet machine, one cell at a time.", ""]
@@ -1137,8 +1131,7 @@ def write_doc(settings: Settings, cells: list, records: list, command: str, esti
         curve_batch = max(measured) if measured else settings.largest_batch
         curve_png = os.path.join(doc_dir, f"{stem}_val_top1_b{curve_batch}.png")
         for stale in glob.glob(os.path.join(doc_dir, f"{stem}_val_top1_b*.png")):
-            if stale != curve_png:
-                os.remove(stale)  # an earlier, partial grid's curve at a smaller batch
+            os.remove(stale)  # an earlier curve (perhaps of a partial grid, at a smaller batch): redrawn below
         if plot_val_curves(settings, analysis, records, curve_png, batch=curve_batch):
             plots.append(curve_png)
         lines += ["## Plots", ""]
@@ -1367,7 +1360,7 @@ def _load_records(settings, cells):
 
 
 def _all_records(settings):
-    directory = settings.records_dir
+    directory = settings.results_dir
     out = []
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
@@ -1423,7 +1416,7 @@ def run(flags_obj) -> dict:
     print(f"Large-batch study: {len(cells)} cells, E = {settings.epochs} epochs, batches "
           f"{list(settings.batches)}, recipes {list(settings.recipes)}, seeds {settings.seeds}, tuning budget "
           f"{settings.tuning_budget}{' (--quick)' if settings.quick else ''}; study dir {settings.study_dir}, "
-          f"cell results in {settings.records_dir}")
+          f"cell results in {settings.results_dir}")
     if flags_obj["dry_run"].value:
         for i, cell in enumerate(cells, 1):
             done = is_finished(records_by_id.get(cell.cell_id), cell, settings)

@@ -343,7 +343,7 @@ def _settings(**overrides):
                   train_flags=(), study_dir="s", doc_path="d.md", train_script="t.py", cells_regex=None, quick=False,
                   cell_timeout_seconds=0.0, load_threshold=0.5, load_sample_seconds=5.0,
                   estimate_epoch_seconds=((256, 52.0), (4096, 72.0)), estimate_eval_seconds=5.0,
-                  estimate_cell_overhead_seconds=60.0, rerun_loaded=False)
+                  estimate_cell_overhead_seconds=60.0, rerun_loaded=False, results_dir="r")
     values.update(overrides)
     return study.Settings(**values)
 
