@@ -99,6 +99,7 @@ __all__ = [
     "TESTED_TF_VERSIONS",
     "TESTED_KERAS_VERSIONS",
     "check_versions",
+    "versions_tested",
     "apply_keras_multi_worker_fixes",
     "keras_multi_worker_fixes_applied",
     "SubgroupLauncher",
@@ -162,6 +163,24 @@ def check_versions(tf_version=None, keras_version=None):
             f"{', '.join(TESTED_KERAS_VERSIONS)}; found keras=={keras_version}. "
             f"Install a tested version, or set {_ALLOW_ENV}=1 to try anyway."
         )
+
+
+def versions_tested(tf_version=None, keras_version=None):
+    """Whether `check_versions` would pass: for optional speed-ups that skip themselves instead of raising.
+
+    Args:
+      tf_version: str, defaults to ``tf.__version__``.
+      keras_version: str, defaults to ``keras.__version__``.
+
+    Returns:
+      bool: True for a tested TensorFlow and Keras (or ``TFSCALE_ALLOW_UNTESTED_TF=1``) with every private module
+      present.
+    """
+    try:
+        check_versions(tf_version, keras_version)
+    except RuntimeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -639,10 +658,16 @@ def backup_restored_epoch(callback):
 def release_validation_iterator(model):
     """Drops the finished iterator of `model`'s last validation pass (Keras ``fit``'s cached one), now.
 
+    A speed-up, not needed for correctness: with a TensorFlow or Keras other than the tested ones
+    (`versions_tested` is False) it does nothing and returns None, instead of raising as `check_versions` does.
+    Horovod's environment (TensorFlow 2.18) trains through ``fit`` with this callback in place.
+
     Returns:
-      bool: True when there was one to release.
+      bool or None: True when there was one to release, False when there was none, None when skipped on an
+      untested version.
     """
-    check_versions()
+    if not versions_tested():
+        return None
     epoch_iterator = getattr(model, "_eval_epoch_iterator", None)
     if epoch_iterator is None:
         return False

@@ -117,3 +117,16 @@ def test_release_validation_iterator_drops_the_finished_iterator_and_changes_no_
     assert live == [1, 1, 1], live  # the training iterator only
     assert callback.released == 3
     np.testing.assert_allclose(val_loss, val_loss_kept, rtol=1e-6)
+
+
+def test_release_validation_iterator_skips_itself_on_an_untested_tensorflow(cpu_devices, monkeypatch):
+    """On an untested TF/Keras (Horovod's environment has TF 2.18) the callback leaves the iterator to Keras and
+    training goes on; it counts the skipped passes instead of raising from the version guard."""
+    import tensorflow as tf
+
+    monkeypatch.delenv("TFSCALE_ALLOW_UNTESTED_TF", raising=False)
+    monkeypatch.setattr(tf, "__version__", "2.18.1")
+    val_loss, live, callback = _fit_with_distributed_validation(cpu_devices[:2], release=True)
+    assert callback.released == 0 and callback.skipped == 3
+    assert len(val_loss) == 3
+    assert live[-1] >= 2, live  # the finished validation iterator is still alive: nothing was released

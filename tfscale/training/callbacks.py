@@ -6,6 +6,8 @@ import time
 from typing import Callable
 
 import keras
+import tensorflow as tf
+from absl import logging
 
 from tfscale import _tf_compat
 
@@ -94,16 +96,28 @@ class ReleaseValidationIterator(keras.callbacks.Callback):
     finished iterator after a training epoch has run blocked the next validation for 12-58 s here (4 logical CPU
     devices, TF 2.21; the default job lost 58 s at its second validation, docs/benchmarks.md), while releasing it
     at the end of its own pass takes no measurable time. Put it in ``fit``'s callbacks whenever `validation_data`
-    is given; it changes no result. It uses Keras internals through tfscale's version-guarded compat module.
+    is given; it changes no result. It uses Keras internals through tfscale's version-guarded compat module; on a
+    TensorFlow or Keras version other than the tested ones it does nothing (it says so once, with `absl.logging`)
+    rather than stop training.
 
     Attributes:
         released: int, the validation passes whose iterator this callback released.
+        skipped: int, the validation passes it left alone because the installed TensorFlow/Keras is untested.
     """
 
     def __init__(self):
         super().__init__()
         self.released = 0
+        self.skipped = 0
 
     def on_test_end(self, logs=None):
-        if _tf_compat.release_validation_iterator(self.model):
+        released = _tf_compat.release_validation_iterator(self.model)
+        if released is None:
+            if not self.skipped:
+                logging.warning(
+                    "ReleaseValidationIterator: TensorFlow %s / Keras %s are not the tested versions; the finished "
+                    "validation iterator is left to Keras (the next validation may wait to destroy it).",
+                    tf.__version__, keras.__version__)
+            self.skipped += 1
+        elif released:
             self.released += 1
