@@ -27,7 +27,10 @@ The grid (defaults):
 * a tuning budget of at most `--tuning_budget` peak learning rates per recipe at the largest batch (the recipe's
   own rate times each `--tuning_factors` value, plus its own);
 * `--seeds` seeds (default 3) for the baseline and for the best recipe at batch 4096 (chosen when its grid cells
-  have finished), reported as mean +- sample standard deviation.
+  have finished), reported as mean +- sample standard deviation;
+* ablations (`--ablation`, default `DEFAULT_ABLATIONS`): one change at a time to `--ablation_recipe` (mlperf) at
+  `--ablation_batch` (4096), reported in their own table against the recipe's own cell and kept out of the
+  recipe table and the goals (they are extra tuning of one recipe).
 
 Cells run one at a time. The study is resumable: a cell whose JSON exists and is complete (status `ok` or
 `diverged`, same train.py arguments) is skipped; any other cell is re-run from scratch after its model directory
@@ -95,11 +98,25 @@ QUICK = {
     "seeds": 1,
     "tuning_budget": 1,
     "baseline_check": False,
+    "ablation": [],
 }
 
 #: train.py flags the study sets per cell; --train_flag may not set them.
 STUDY_CONTROLLED_FLAGS = ("model_dir", "global_batch_size", "batch_schedule", "epochs", "seed", "eval_every_epochs",
                           "recipe", "base_lr")
+
+#: The ablation variants run by default (--ablation): one change each to --ablation_recipe at --ablation_batch,
+#: chosen from the 4096 cells of 2026-12-03 (MLPerf LARS 90.25%: training top-1 91.7% at the end, so it underfits
+#: in its 439 steps rather than overfits; its validation collapsed to 17-23% in epochs 2-4 right after a 1.7-epoch
+#: warm-up).
+DEFAULT_ABLATIONS = (
+    "lr2x: --base_lr=1.25",  # twice the recipe's peak LR at 4096 (10 -> 20): more progress per step
+    "cosine: --lr_schedule=warmup_cosine",  # keeps the LR higher for longer than polynomial decay of power 2
+    "warmup5: --warmup_epochs=5",  # the MLPerf table's 5 warm-up epochs at 4096, not scaled by E/90
+)
+#: train.py flags an ablation may not set (the study sets them per cell; the variant is of --ablation_recipe).
+ABLATION_CONTROLLED_FLAGS = ("model_dir", "global_batch_size", "batch_schedule", "epochs", "seed",
+                             "eval_every_epochs", "recipe")
 
 #: Cell statuses that are results (kept on rerun); "failed" and "timeout" cells are run again.
 FINISHED_STATUSES = ("ok", "diverged")
@@ -137,6 +154,16 @@ def define_flags():
     flags.DEFINE_multi_string("train_flag", [], "An extra flag for every cell's train.py, e.g. "
                               "--train_flag=--data_dir=/data/fm (repeatable). It may not set "
                               f"{', '.join('--' + f for f in STUDY_CONTROLLED_FLAGS)}.")
+    flags.DEFINE_multi_string("ablation", list(DEFAULT_ABLATIONS), "An ablation variant 'NAME: TRAIN_FLAGS': "
+                              "--ablation_recipe at --ablation_batch with these train.py flags added (one change at a "
+                              "time; repeatable; --ablation= for none; absolute values, so --base_lr is per 256 "
+                              "images at --ablation_batch's recipe). The defaults run only when the grid has "
+                              "--ablation_recipe at --ablation_batch (not with --quick). NAME is letters, digits, '.' and '_'; the "
+                              "flags may not set "
+                              f"{', '.join('--' + f for f in ABLATION_CONTROLLED_FLAGS)}.")
+    flags.DEFINE_string("ablation_recipe", "mlperf", "The recipe the ablation variants change; must be one of "
+                        "--recipes.")
+    flags.DEFINE_integer("ablation_batch", 4096, "Global batch of the ablation cells; must be one of --batches.")
     flags.DEFINE_string("study_dir", None, "Where the cells' model directories (cells/), their logs (logs/) and "
                         "study.json go (default: runs/large_batch_study, or runs/large_batch_study_quick with "
                         "--quick).")
@@ -207,6 +234,9 @@ class Settings:
     estimate_cell_overhead_seconds: float
     rerun_loaded: bool
     results_dir: str
+    ablations: tuple = ()  # ((name, (train.py flags...)), ...)
+    ablation_recipe: str = "mlperf"
+    ablation_batch: int = 4096
 
     @property
     def largest_batch(self) -> int:
@@ -301,6 +331,20 @@ def settings_from_flags(flags_obj) -> Settings:
         if match.group(1) in STUDY_CONTROLLED_FLAGS:
             raise ValueError(f"Flag --train_flag may not set --{match.group(1)} (the study sets it per cell). "
                              f"Received: --train_flag={item!r}")
+    ablations = parse_ablations(_value(flags_obj, "ablation", quick) or ())
+    ablation_recipe = flags_obj["ablation_recipe"].value
+    ablation_batch = flags_obj["ablation_batch"].value
+    explicit = any(flags_obj[n].present for n in ("ablation", "ablation_recipe", "ablation_batch"))
+    if ablations and ablation_recipe not in recipes:
+        if explicit:
+            raise ValueError(f"Flag --ablation_recipe must be one of --recipes={recipes}. Received: "
+                             f"--ablation_recipe={ablation_recipe!r}")
+        ablations = ()  # the default variants belong to the default grid (mlperf at 4096): none in this grid
+    if ablations and ablation_batch not in batches:
+        if explicit:
+            raise ValueError(f"Flag --ablation_batch must be one of --batches={batches}. Received: "
+                             f"--ablation_batch={ablation_batch}")
+        ablations = ()
     estimate = []
     for item in flags_obj["estimate_epoch_seconds"].value:
         match = re.fullmatch(r"\s*(\d+)\s*:\s*([0-9.]+)\s*", item)
@@ -349,8 +393,48 @@ def settings_from_flags(flags_obj) -> Settings:
         estimate_epoch_seconds=tuple(sorted(estimate)),
         estimate_eval_seconds=flags_obj["estimate_eval_seconds"].value,
         estimate_cell_overhead_seconds=flags_obj["estimate_cell_overhead_seconds"].value,
-        rerun_loaded=flags_obj["rerun_loaded"].value, results_dir=results_dir,
+        rerun_loaded=flags_obj["rerun_loaded"].value, results_dir=results_dir, ablations=ablations,
+        ablation_recipe=ablation_recipe, ablation_batch=ablation_batch,
     )
+
+
+def parse_ablations(values) -> tuple:
+    """Parses --ablation values 'NAME: TRAIN_FLAGS' into ((name, (flag, ...)), ...).
+
+    An empty value (``--ablation=``) is skipped, so ``--ablation=`` alone runs no ablation.
+
+    Raises:
+        ValueError: for a value without a name or flags, a bad or repeated name, a flag that is not
+            ``--name[=value]``, or one of `ABLATION_CONTROLLED_FLAGS`.
+    """
+    out, names = [], set()
+    for value in values:
+        if not str(value).strip():
+            continue
+        name, sep, rest = str(value).partition(":")
+        name = name.strip()
+        try:
+            train_flags = tuple(shlex.split(rest))
+        except ValueError as err:
+            raise ValueError(f"Flag --ablation has unbalanced quotes ({err}). Received: --ablation={value!r}") from None
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._]+", name) or not train_flags:
+            raise ValueError("Flag --ablation must be 'NAME: TRAIN_FLAGS' (NAME of letters, digits, '.' and '_'; at "
+                             f"least one train.py flag), e.g. --ablation='warmup5: --warmup_epochs=5'. Received: "
+                             f"--ablation={value!r}")
+        if name in names:
+            raise ValueError(f"Flag --ablation names must be distinct; {name!r} is repeated. Received: "
+                             f"--ablation={value!r}")
+        for item in train_flags:
+            match = re.fullmatch(r"--(?:no)?([A-Za-z_][A-Za-z0-9_]*)(=.*)?", item, re.S)
+            if not match:
+                raise ValueError(f"Flag --ablation's train.py flags must be like --name=value. Received: "
+                                 f"--ablation={value!r} ({item!r})")
+            if match.group(1) in ABLATION_CONTROLLED_FLAGS:
+                raise ValueError(f"Flag --ablation may not set --{match.group(1)} (the study sets it per cell). "
+                                 f"Received: --ablation={value!r}")
+        names.add(name)
+        out.append((name, train_flags))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,9 +446,11 @@ class Cell:
         batch: global batch (images per step; for mikami, the first phase's).
         epochs: epochs of the run (E, or 2E for the baseline check).
         seed: train.py's --seed.
-        role: "grid", "baseline_check", "baseline_seed", "tuning" or "best_seed".
+        role: "grid", "baseline_check", "baseline_seed", "ablation", "tuning" or "best_seed".
         lr_factor: multiplier of the recipe's own peak learning rate (1.0 except for tuning cells).
         base_lr: the explicit --base_lr of a tuning cell (learning rate per 256 images), else None.
+        variant: an ablation's name ("" for every other cell).
+        variant_flags: the ablation's train.py flags, added after the recipe's.
     """
 
     recipe: str
@@ -374,11 +460,14 @@ class Cell:
     role: str
     lr_factor: float = 1.0
     base_lr: float | None = None
+    variant: str = ""
+    variant_flags: tuple = ()
 
     @property
     def cell_id(self) -> str:
         lr = "" if self.lr_factor == 1.0 else f"-lr{self.lr_factor:g}x"
-        return f"b{self.batch}-{self.recipe or 'BEST'}{lr}-e{self.epochs}-s{self.seed}"
+        variant = f"+{self.variant}" if self.variant else ""
+        return f"b{self.batch}-{self.recipe or 'BEST'}{variant}{lr}-e{self.epochs}-s{self.seed}"
 
     @property
     def placeholder(self) -> bool:
@@ -390,6 +479,7 @@ class Cell:
                 f"--global_batch_size={self.batch}", f"--epochs={self.epochs}", f"--seed={self.seed}",
                 f"--eval_every_epochs={settings.eval_every_epochs}"]
         args += list(RECIPES.get(self.recipe, ("--recipe=<best at this batch>",)))
+        args += list(self.variant_flags)
         if self.base_lr is not None:
             args.append(f"--base_lr={self.base_lr:.6g}")
         return args + list(settings.train_flags)
@@ -408,6 +498,12 @@ def grid_cells(settings: Settings) -> list:
     cells += [Cell(settings.baseline_recipe, settings.baseline_batch, settings.epochs, s, "baseline_seed")
               for s in range(1, settings.seeds)]
     return cells
+
+
+def ablation_cells(settings: Settings) -> list:
+    """One cell per --ablation variant: --ablation_recipe at --ablation_batch, E epochs, seed 0, role "ablation"."""
+    return [Cell(settings.ablation_recipe, settings.ablation_batch, settings.epochs, 0, "ablation",
+                 variant=name, variant_flags=flags_) for name, flags_ in settings.ablations]
 
 
 def tuning_cells(settings: Settings, base_lrs: dict) -> list:
@@ -802,6 +898,8 @@ def run_cell(cell: Cell, settings: Settings, timeout: float, resolved: dict | No
         "seed": cell.seed,
         "role": cell.role,
         "lr_factor": cell.lr_factor,
+        "variant": cell.variant,
+        "variant_flags": list(cell.variant_flags),
         "train_args": args,
         "command": shlex.join(command),
         "returncode": proc.returncode,
@@ -901,7 +999,7 @@ def analyse(settings: Settings, records: list) -> dict:
     for recipe in settings.recipes:
         for batch in settings.batches:
             same = [r for r in finished.values() if r.get("recipe") == recipe and r.get("global_batch_size") == batch
-                    and r.get("epochs") == E and r.get("lr_factor", 1.0) == 1.0]
+                    and r.get("epochs") == E and r.get("lr_factor", 1.0) == 1.0 and not r.get("variant")]
             seeds = _ok(same)
             mean, spread = _mean_spread([r["top1"] for r in seeds])
             entry = {"mean": mean, "spread": spread, "n": len(seeds), "diverged": any(
@@ -937,7 +1035,22 @@ def analyse(settings: Settings, records: list) -> dict:
         check = {"top1_E": short_run["top1"], "top1_2E": long_run["top1"], "difference_points": 100 * diff,
                  "converged": abs(diff) < 0.003}
     return {"entries": entries, "baseline": baseline, "baseline_spread": base.get("spread"),
-            "baseline_n": base.get("n", 0), "critical_batch": critical, "convergence": check}
+            "baseline_n": base.get("n", 0), "critical_batch": critical, "convergence": check,
+            "ablations": _ablations(settings, finished)}
+
+
+def _ablations(settings, finished):
+    """Each --ablation variant's finished cell against the recipe's own grid cell (same batch, E, seed 0).
+
+    Returns:
+        {"reference": the grid cell's record or None, "rows": [{"name", "flags", "record" (or None)}]}.
+    """
+    reference = finished.get(Cell(settings.ablation_recipe, settings.ablation_batch, settings.epochs, 0,
+                                  "grid").cell_id)
+    rows = []
+    for cell in ablation_cells(settings):
+        rows.append({"name": cell.variant, "flags": list(cell.variant_flags), "record": finished.get(cell.cell_id)})
+    return {"reference": reference, "rows": rows}
 
 
 def goals(settings: Settings, analysis: dict) -> list:
@@ -970,9 +1083,14 @@ def goals(settings: Settings, analysis: dict) -> list:
                 gap_naive = 100 * (baseline - naive)
                 met = gap_best <= 1.0 and gap_naive >= 3.0
                 out.append((f"At batch {b} the best recipe is within 1.0 point of the baseline and naive is >= 3 "
-                            "points below", f"{best} {gap_best:+.2f} points below the baseline, naive "
-                            f"{gap_naive:+.2f}", "met" if met else "not met"))
+                            "points below", f"{best} {_gap_text(gap_best)} the baseline, naive "
+                            f"{_gap_text(gap_naive)}", "met" if met else "not met"))
     return out
+
+
+def _gap_text(points_below):
+    """'3.05 points below' / '0.20 points above' for a gap in points (positive: below the baseline)."""
+    return f"{abs(points_below):.2f} points {'below' if points_below >= 0 else 'above'}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1068,14 +1186,15 @@ def plot_val_curves(settings, analysis, records, path, batch=None):
 
 
 def _command_text(flags_obj) -> str:
-    """The study's command line with the flags given explicitly (--dry_run and --report_only left out)."""
+    """The study's command line with the flags given explicitly; --dry_run, --report_only and --cells (which pick
+    what one invocation does, not what the study is) are left out, so the command regenerates the whole study."""
     args = []
     for name in _STUDY_FLAGS:
         flag = flags_obj[name]
-        if not flag.present or name in ("dry_run", "report_only"):
+        if not flag.present or name in ("dry_run", "report_only", "cells"):
             continue
-        if name == "train_flag":
-            args += [f"--train_flag={v}" for v in flag.value]
+        if name in ("train_flag", "ablation"):  # repeatable flags: one option per value
+            args += [f"--{name}={v}" for v in flag.value] or [f"--{name}="]
         elif isinstance(flag.value, bool):
             args.append(f"--{name}" if flag.value else f"--no{name}")
         elif isinstance(flag.value, list):
@@ -1122,6 +1241,7 @@ def write_doc(settings: Settings, cells: list, records: list, command: str, esti
         lines += _table_section(settings, analysis)
         lines += _time_section(settings, analysis, finished)
         lines += _tuning_section(settings, analysis)
+        lines += _ablation_section(settings, analysis)
         top_png = os.path.join(doc_dir, f"{stem}_top1_vs_batch.png")
         plot_top1_vs_batch(settings, analysis, top_png)
         plots.append(top_png)
@@ -1212,7 +1332,7 @@ def _time_section(settings, analysis, finished):
         for batch in settings.batches:
             r = next((r for r in finished if r.get("recipe") == recipe and r.get("global_batch_size") == batch
                       and r.get("epochs") == settings.epochs and r.get("seed") == 0
-                      and r.get("lr_factor", 1.0) == 1.0), None)
+                      and r.get("lr_factor", 1.0) == 1.0 and not r.get("variant")), None)
             if r is None:
                 continue
             cols = []
@@ -1238,6 +1358,44 @@ def _tuning_section(settings, analysis):
             result = _pct(t["top1"]) if t.get("status") == "ok" else t.get("status")
             lines.append(f"| {recipe} | x{t['lr_factor']:g} | {f'{peak:.4g}' if _finite(peak) else '—'} | "
                          f"{result} |")
+    return lines + [""]
+
+
+def _ablation_section(settings, analysis):
+    abl = analysis["ablations"]
+    if not abl["rows"]:
+        return []
+    first = f"{settings.targets[0]:g}"
+    lines = [f"## Ablations ({settings.ablation_recipe} at batch {settings.ablation_batch}, {settings.epochs} epochs, "
+             "seed 0)", "",
+             f"One change at a time to `{settings.ablation_recipe}` (its own cell is the reference). These variants "
+             "are extra tuning of one recipe, so they are not counted in the table or the goals above; a variant "
+             "that works becomes a recipe of its own and is then run over the whole grid with the same budget as the "
+             "others.", "",
+             f"| variant | train.py flags added | top-1 | vs `{settings.ablation_recipe}` (points) | steps to "
+             f"{100 * settings.targets[0]:g}% | loaded |", "|---|---|---|---|---|---|"]
+    ref = abl["reference"]
+    ref_top1 = ref.get("top1") if ref and ref.get("status") == "ok" else None
+
+    def steps(record):
+        hit = (record.get("time_to_target") or {}).get(first)
+        return f"{hit['steps']:,}" if hit and hit.get("steps") is not None else "not reached"
+
+    if ref is not None:
+        lines.append(f"| (none: the recipe's own) | — | {_pct(ref_top1) if ref_top1 is not None else ref['status']} "
+                     f"| 0 | {steps(ref) if ref_top1 is not None else '—'} | {'yes' if ref.get('loaded') else 'no'} |")
+    else:
+        lines.append("| (none: the recipe's own) | — | not measured yet | — | — | — |")
+    for row in abl["rows"]:
+        r = row["record"]
+        flags_text = "`" + " ".join(row["flags"]) + "`"
+        if r is None:
+            lines.append(f"| {row['name']} | {flags_text} | not measured yet | — | — | — |")
+            continue
+        ok = r.get("status") == "ok" and _finite(r.get("top1"))
+        delta = f"{100 * (r['top1'] - ref_top1):+.2f}" if ok and ref_top1 is not None else "—"
+        lines.append(f"| {row['name']} | {flags_text} | {_pct(r['top1']) if ok else r.get('status')} | {delta} | "
+                     f"{steps(r) if ok else '—'} | {'yes' if r.get('loaded') else 'no'} |")
     return lines + [""]
 
 
@@ -1386,7 +1544,7 @@ def best_recipe_at(settings: Settings, records_by_id: dict) -> str | None:
 def plan(settings: Settings, records_by_id: dict) -> tuple:
     """All planned cells (the best-seed cells as placeholders until the best recipe is known) and the resolved
     train.py configurations of the non-placeholder cells."""
-    cells = grid_cells(settings)
+    cells = grid_cells(settings) + ablation_cells(settings)
     largest = [Cell(r, settings.largest_batch, settings.epochs, 0, "grid") for r in settings.recipes]
     resolved = resolve_configs(settings, cells)
     errors = {k: v["error"] for k, v in resolved.items() if "error" in v}

@@ -139,19 +139,24 @@ def _small(fake, *extra):
 
 def test_dry_run_prints_the_default_grid_and_runs_nothing(tmp_path):
     """The default grid through the real train.py's resolve_config: 25 grid cells, the 2E check, 2 baseline seeds,
-    3 tuning LRs x 5 recipes at 8192, 2 seeds of the best at 4096; commands and the estimate; nothing written."""
+    3 ablations of mlperf at 4096, 3 tuning LRs x 5 recipes at 8192, 2 seeds of the best at 4096; commands and the
+    estimate; nothing written."""
     study_dir = tmp_path / "study"
     proc = _study(["--dry_run", f"--study_dir={study_dir}", f"--doc_path={tmp_path / 'doc.md'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     ids = re.findall(r"^\s*\d+\. (\S+)", out, re.M)
-    assert len(ids) == 45 and len(set(ids)) == 45
+    assert len(ids) == 48 and len(set(ids)) == 48
     for batch in (256, 1024, 2048, 4096, 8192):
         for recipe in ("naive", "goyal", "mlperf", "mikami", "akiba"):
             assert f"b{batch}-{recipe}-e30-s0" in ids
     assert "b256-naive-e60-s0" in ids  # the convergence check at 2E
     assert {"b256-naive-e30-s1", "b256-naive-e30-s2", "b4096-BEST-e30-s1", "b4096-BEST-e30-s2"} <= set(ids)
     assert sum(1 for i in ids if re.fullmatch(r"b8192-\w+-lr[0-9.]+x-e30-s0", i)) == 15
+    assert [i for i in ids if "+" in i] == ["b4096-mlperf+lr2x-e30-s0", "b4096-mlperf+cosine-e30-s0",
+                                            "b4096-mlperf+warmup5-e30-s0"]
+    assert re.search(r"b4096-mlperf\+lr2x-e30-s0 +ablation +peak LR 20 ", out)  # resolved by train.py
+    assert "--eval_every_epochs=1 --recipe=mlperf --warmup_epochs=5\n" in out
     # Each cell is a train.py command with its own model_dir; the recipes map to train.py's flags.
     assert f"--model_dir={study_dir}/cells/b4096-mlperf-e30-s0 --global_batch_size=4096 --epochs=30 --seed=0 " \
            "--eval_every_epochs=1 --recipe=mlperf" in out
@@ -162,7 +167,7 @@ def test_dry_run_prints_the_default_grid_and_runs_nothing(tmp_path):
     assert re.search(r"b8192-naive-lr0\.25x-e30-s0 .*peak LR 3\.2 ", out)
     assert "b8192-naive-lr0.25x-e30-s0 --global_batch_size=8192" in out and "--base_lr=0.1\n" in out
     assert "--recipe=mlperf --base_lr=0.15625" in out
-    match = re.search(r"Estimated wall time: ([0-9.]+) h .* for 45 cells \(over the 6 h target\)", out)
+    match = re.search(r"Estimated wall time: ([0-9.]+) h .* for 48 cells \(over the 6 h target\)", out)
     assert match and float(match.group(1)) > 6
     assert not study_dir.exists() and not (tmp_path / "doc.md").exists()
 
@@ -198,6 +203,12 @@ def test_grid_counts_and_best_seed_placeholders():
     (["--baseline_batch=512"], "Flag --baseline_batch must be one of --batches"),
     (["--tuning_budget=0"], "Flag --tuning_budget must be >= 1"),
     (["--targets=91"], "Flag --targets must be top-1 fractions in (0, 1]"),
+    (["--ablation=warmup5 --warmup_epochs=5"], "Flag --ablation must be 'NAME: TRAIN_FLAGS'"),
+    (["--ablation=w: --epochs=3"], "Flag --ablation may not set --epochs"),
+    (["--ablation=w: warmup=5"], "Flag --ablation's train.py flags must be like --name=value"),
+    (["--ablation=w: --warmup_epochs=5", "--ablation=w: --lars_eta=0.002"], "Flag --ablation names must be distinct"),
+    (["--recipes=naive,goyal", "--ablation=w: --warmup_epochs=5"], "Flag --ablation_recipe must be one of --recipes"),
+    (["--ablation_batch=512"], "Flag --ablation_batch must be one of --batches"),
 ])
 def test_bad_flags_name_the_flag_and_the_value(fake, args, message):
     proc = _study(["--dry_run", *fake["base"], *args], env=fake["env"])
@@ -242,6 +253,34 @@ def test_runs_cells_writes_records_and_doc_and_skips_them_on_rerun(fake):
     assert "cells: 0 run, 2 skipped (finished), 0 failed" in rerun.stdout
     assert _calls(fake) == ["b64-naive-e3-s0", "b128-naive-e3-s0"]  # not run again
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == mtimes
+
+
+def test_ablation_cells_run_beside_the_recipe_and_stay_out_of_its_table(fake):
+    """--ablation cells: the recipe's flags plus the variant's, their own ids, records and doc table (against the
+    recipe's own cell); they do not count in the recipe x batch table. A grid without --ablation_recipe (the
+    default mlperf) runs no default ablation."""
+    args = [*fake["base"], "--batches=64", "--recipes=mlperf", "--baseline_batch=64", "--baseline_recipe=mlperf",
+            "--epochs=3", "--seeds=1", "--tuning_budget=1", "--nobaseline_check", "--ablation_batch=64",
+            "--ablation=w2: --warmup_epochs=2", "--ablation=lr: --base_lr=1.25"]
+    proc = _study([*args, "--cells=."], env=fake["env"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _calls(fake) == ["b64-mlperf-e3-s0", "b64-mlperf+w2-e3-s0", "b64-mlperf+lr-e3-s0"]
+    record = json.loads((fake["dir"] / "data" / "doc" / "b64-mlperf+w2-e3-s0.json").read_text())
+    assert record["role"] == "ablation" and record["variant"] == "w2" and record["variant_flags"] == [
+        "--warmup_epochs=2"]
+    assert record["train_args"][-2:] == ["--recipe=mlperf", "--warmup_epochs=2"]
+    doc = (fake["dir"] / "doc.md").read_text()
+    assert "## Ablations (mlperf at batch 64, 3 epochs, seed 0)" in doc
+    assert "| w2 | `--warmup_epochs=2` | 89.50% | +0.00 |" in doc  # the stand-in ignores the warm-up
+    assert "| lr | `--base_lr=1.25` | 89.50% | +0.00 |" in doc
+    assert "| mlperf | 89.50 |" in doc  # one seed: the ablations are not averaged into the recipe's figure
+    # The regenerate command is the whole study: each ablation once, no --cells selection.
+    command = next(line for line in doc.splitlines() if line.startswith("python scripts/large_batch_study.py "))
+    assert "'--ablation=w2: --warmup_epochs=2' '--ablation=lr: --base_lr=1.25'" in command
+    assert "--cells" not in command
+    # The default ablations need mlperf at 4096: none in this small naive grid.
+    dry = _study(["--dry_run", *_small(fake)], env=fake["env"])
+    assert dry.returncode == 0 and "+" not in "".join(re.findall(r"^\s*\d+\. (\S+)", dry.stdout, re.M))
 
 
 def test_cell_results_live_beside_the_doc_so_a_fresh_clone_skips_finished_cells(fake):
@@ -391,8 +430,17 @@ def test_analysis_critical_batch_goals_and_convergence():
     verdicts = study.goals(settings, analysis)
     assert verdicts[0][2] == "met" and "8x" in verdicts[0][1]
     assert verdicts[1][2] == "met"  # mlperf 0.7 below, naive 4.0 below at 4096
+    assert verdicts[1][1] == "mlperf 0.70 points below the baseline, naive 4.00 points below"
     tuning = analysis["entries"][("naive", 8192)]["tuning"]
     assert [(t["lr_factor"], t["status"]) for t in tuning] == [(0.25, "ok"), (1.0, "diverged")]
+    # An ablation of mlperf at 4096 (better than its seeds) changes neither the entry nor the goals.
+    variant = study.Cell("mlperf", 4096, 30, 0, "ablation", variant="lr2x", variant_flags=("--base_lr=1.25",))
+    ablation = {**_record("mlperf", 4096, 0.95), "cell_id": variant.cell_id, "role": "ablation", "variant": "lr2x"}
+    settings = study.dataclasses.replace(settings, ablations=(("lr2x", ("--base_lr=1.25",)),))
+    again = study.analyse(settings, records + [ablation])
+    assert again["entries"][("mlperf", 4096)]["mean"] == pytest.approx(0.923)
+    assert [(r["name"], r["record"]["top1"]) for r in again["ablations"]["rows"]] == [("lr2x", 0.95)]
+    assert again["ablations"]["reference"]["top1"] == 0.924
 
 
 def test_is_finished_requires_a_complete_matching_record():
