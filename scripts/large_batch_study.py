@@ -697,9 +697,13 @@ def summarize_results(results: dict, settings: Settings, batch: int) -> dict:
     config = results.get("config") or {}
     evals = [s for s in history.get("eval_seconds") or [] if _finite(s)]
     epoch_seconds = [s for s in history.get("epoch_seconds") or [] if _finite(s)]
+    train_top1 = [t for t in history.get("top1") or [] if _finite(t)]
     return {
         "top1": results.get("top1"),
         "top5": results.get("top5"),
+        # Keras's running training top-1 over the last epoch (augmented images): far below the validation top-1's
+        # ceiling means the cell underfits in its steps rather than overfits.
+        "train_top1_last_epoch": train_top1[-1] if train_top1 else None,
         "train_wall_seconds": results.get("wall_seconds"),
         "steps": sum(int(s) for s in steps_per_epoch) if steps_per_epoch else None,
         "images_per_second": results.get("images_per_second"),

@@ -443,6 +443,14 @@ def test_analysis_critical_batch_goals_and_convergence():
     assert again["ablations"]["reference"]["top1"] == 0.924
 
 
+def test_summary_keeps_the_last_epoch_training_top1():
+    history = {"epoch_seconds": [10.0, 10.0], "val_top1": [0.8, 0.9], "steps_per_epoch": [5, 5],
+               "top1": [0.7, float("nan"), 0.917]}
+    summary = study.summarize_results({"top1": 0.9, "history": history}, _settings(), 256)
+    assert summary["train_top1_last_epoch"] == 0.917 and summary["steps"] == 10
+    assert study.summarize_results({"top1": 0.9, "history": {}}, _settings(), 256)["train_top1_last_epoch"] is None
+
+
 def test_is_finished_requires_a_complete_matching_record():
     settings = _settings()
     cell = study.Cell("naive", 256, 30, 0, "grid")
