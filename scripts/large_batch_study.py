@@ -326,12 +326,12 @@ def settings_from_flags(flags_obj) -> Settings:
         raise ValueError(f"Flag --targets must be top-1 fractions in (0, 1]. Received: --targets={targets}")
     train_flags = tuple(flags_obj["train_flag"].value or ())
     for item in train_flags:
-        match = re.fullmatch(r"--(?:no)?([A-Za-z_][A-Za-z0-9_]*)(=.*)?", item, re.S)
-        if not match:
+        name = _train_flag_name(item)
+        if name is None:
             raise ValueError(f"Flag --train_flag must be a train.py flag like --name=value. Received: "
                              f"--train_flag={item!r}")
-        if match.group(1) in STUDY_CONTROLLED_FLAGS:
-            raise ValueError(f"Flag --train_flag may not set --{match.group(1)} (the study sets it per cell). "
+        if name in STUDY_CONTROLLED_FLAGS:
+            raise ValueError(f"Flag --train_flag may not set --{name} (the study sets it per cell). "
                              f"Received: --train_flag={item!r}")
     ablations = parse_ablations(_value(flags_obj, "ablation", quick) or ())
     ablation_recipe = flags_obj["ablation_recipe"].value
@@ -400,6 +400,12 @@ def settings_from_flags(flags_obj) -> Settings:
     )
 
 
+def _train_flag_name(item):
+    """The flag name of a train.py option '--name', '--noname' or '--name=value' (None when it is not one)."""
+    match = re.fullmatch(r"--(?:no)?([A-Za-z_][A-Za-z0-9_]*)(=.*)?", item, re.S)
+    return match.group(1) if match else None
+
+
 def parse_ablations(values) -> tuple:
     """Parses --ablation values 'NAME: TRAIN_FLAGS' into ((name, (flag, ...)), ...).
 
@@ -427,12 +433,12 @@ def parse_ablations(values) -> tuple:
             raise ValueError(f"Flag --ablation names must be distinct; {name!r} is repeated. Received: "
                              f"--ablation={value!r}")
         for item in train_flags:
-            match = re.fullmatch(r"--(?:no)?([A-Za-z_][A-Za-z0-9_]*)(=.*)?", item, re.S)
-            if not match:
+            flag_name = _train_flag_name(item)
+            if flag_name is None:
                 raise ValueError(f"Flag --ablation's train.py flags must be like --name=value. Received: "
                                  f"--ablation={value!r} ({item!r})")
-            if match.group(1) in ABLATION_CONTROLLED_FLAGS:
-                raise ValueError(f"Flag --ablation may not set --{match.group(1)} (the study sets it per cell). "
+            if flag_name in ABLATION_CONTROLLED_FLAGS:
+                raise ValueError(f"Flag --ablation may not set --{flag_name} (the study sets it per cell). "
                                  f"Received: --ablation={value!r}")
         names.add(name)
         out.append((name, train_flags))
@@ -1382,28 +1388,23 @@ def _ablation_section(settings, analysis):
              f"| variant | train.py flags added | top-1 | vs `{settings.ablation_recipe}` (points) | steps to "
              f"{100 * settings.targets[0]:g}% | loaded |", "|---|---|---|---|---|---|"]
     ref = abl["reference"]
-    ref_top1 = ref.get("top1") if ref and ref.get("status") == "ok" else None
+    ref_top1 = ref.get("top1") if ref and ref.get("status") == "ok" and _finite(ref.get("top1")) else None
 
-    def steps(record):
-        hit = (record.get("time_to_target") or {}).get(first)
-        return f"{hit['steps']:,}" if hit and hit.get("steps") is not None else "not reached"
-
-    if ref is not None:
-        top1 = _pct(ref_top1) if ref_top1 is not None else ref["status"]
-        lines.append(f"| (none: the recipe's own) | — | {top1} | 0 | {steps(ref) if ref_top1 is not None else '—'} "
-                     f"| {'yes' if ref.get('loaded') else 'no'} |")
-    else:
-        lines.append("| (none: the recipe's own) | — | not measured yet | — | — | — |")
-    for row in abl["rows"]:
-        r = row["record"]
-        flags_text = "`" + " ".join(row["flags"]) + "`"
+    def row_line(label, flags_text, r, reference=False):
         if r is None:
-            lines.append(f"| {row['name']} | {flags_text} | not measured yet | — | — | — |")
-            continue
+            return f"| {label} | {flags_text} | not measured yet | — | — | — |"
         ok = r.get("status") == "ok" and _finite(r.get("top1"))
-        delta = f"{100 * (r['top1'] - ref_top1):+.2f}" if ok and ref_top1 is not None else "—"
-        lines.append(f"| {row['name']} | {flags_text} | {_pct(r['top1']) if ok else r.get('status')} | {delta} | "
-                     f"{steps(r) if ok else '—'} | {'yes' if r.get('loaded') else 'no'} |")
+        if reference:
+            delta = "0"
+        else:
+            delta = f"{100 * (r['top1'] - ref_top1):+.2f}" if ok and ref_top1 is not None else "—"
+        hit = (r.get("time_to_target") or {}).get(first) if ok else None
+        steps = "—" if not ok else f"{hit['steps']:,}" if hit and hit.get("steps") is not None else "not reached"
+        return (f"| {label} | {flags_text} | {_pct(r['top1']) if ok else r.get('status')} | {delta} | {steps} | "
+                f"{'yes' if r.get('loaded') else 'no'} |")
+
+    lines.append(row_line("(none: the recipe's own)", "—", ref, reference=True))
+    lines += [row_line(row["name"], "`" + " ".join(row["flags"]) + "`", row["record"]) for row in abl["rows"]]
     return lines + [""]
 
 
