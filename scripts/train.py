@@ -943,7 +943,18 @@ def run(flags_obj) -> dict:
         evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0, callbacks=watchdog)
         exact = training.evaluate_top_k(model, plain_eval_ds)
     wall = time.time() - start
+
+    def leave():
+        # No watcher thread or background RPC may outlive the chief's coordination service (else every other worker
+        # prints "Socket closed" tracebacks after a successful run): stop the preemption watchers, meet at a
+        # barrier, and let the chief leave last.
+        for callback in preemption:
+            callback.close()
+        if multi_worker:
+            distribute.leave_cluster(strategy)
+
     if not is_chief:  # every worker trains and evaluates; only the chief writes
+        leave()
         return {"top1": exact["top1"], "worker_rank": worker_rank}
     model.save(os.path.join(config["model_dir"], "model.keras"))
 
@@ -988,6 +999,7 @@ def run(flags_obj) -> dict:
     ips_text = f"{results['images_per_second']:,.0f}" if results["images_per_second"] else "n/a"
     print(f"top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f}, {wall:.0f} s wall, {ips_text} images/s "
           f"(training); results in {path}")
+    leave()
     return results
 
 

@@ -60,6 +60,11 @@ API, so they live here, each guarded by the TF/Keras versions they were tested w
    has run, it blocked the next validation for 12-58 s on 4 logical CPU devices;
    destroyed at the end of its own validation pass it takes no measurable time.
 
+9. **Leaving a cluster cleanly** (`stop_preemption_watchers`, `wait_at_barrier`): the stop
+   that ``PreemptionCheckpointHandler.__del__`` performs on its watcher threads (never reached
+   while they run: they hold the handler), and the coordination service's barrier
+   (``context.wait_at_barrier``), so that no worker's background RPC outlives the chief.
+
 This module sits at the top of the package so that `tfscale.data`, `layers`, `optimizers`,
 `distribute` and `training` can all use it without importing each other.
 
@@ -113,6 +118,8 @@ __all__ = [
     "destination_devices",
     "mirrored",
     "keyed_mirrored_strategy",
+    "stop_preemption_watchers",
+    "wait_at_barrier",
 ]
 
 TESTED_TF_VERSIONS = ("2.21",)
@@ -678,3 +685,33 @@ def release_validation_iterator(model):
     if generator is not None:
         generator.close()  # frees the generator's frame, and with it the distributed iterator
     return released
+
+
+def stop_preemption_watchers(handler):
+    """Stops the background threads of a ``tf.distribute.experimental.PreemptionCheckpointHandler`` now.
+
+    What the handler's own ``__del__`` does (it publishes "stop watching" in the coordination service and joins its
+    watcher thread, then stops the SIGTERM poll thread); ``__del__`` never runs while those threads are alive,
+    since they hold the handler. Idempotent: a second call finds no thread and does nothing.
+
+    Args:
+      handler: a ``PreemptionCheckpointHandler``.
+    """
+    for name in ("_stop_cluster_wise_termination_watcher_thread", "_stop_poll_termination_signal_thread"):
+        stop = getattr(handler, name, None)
+        if stop is not None:
+            stop()
+
+
+def wait_at_barrier(barrier_id, timeout_seconds):
+    """Blocks until every task of the cluster's coordination service has called this with `barrier_id`.
+
+    Args:
+      barrier_id: str, the same on every worker, used once per cluster.
+      timeout_seconds: float > 0; after it the barrier fails on every waiting worker.
+
+    Raises:
+      tf.errors.DeadlineExceededError: the barrier timed out (a worker did not arrive).
+      tf.errors.OpError: the coordination service failed (for example, a worker died).
+    """
+    _context.context().wait_at_barrier(barrier_id, max(1, int(timeout_seconds * 1000)))

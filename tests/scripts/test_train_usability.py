@@ -268,3 +268,22 @@ def test_sigterm_to_one_worker_makes_every_worker_back_up_the_same_step_and_stop
     assert starts == {"0": f"{epoch} at step {step + 1}", "1": f"{epoch} at step {step + 1}"}, out[-4000:]
     with open(model_dir / "results.json") as f:
         assert json.load(f)["epochs_run"] == list(range(epoch - 1, 2))
+
+
+@pytest.mark.slow
+def test_two_workers_finish_without_tracebacks_and_exit_promptly(tiny_records, tmp_path):
+    """A successful 2-worker job through the launcher ends cleanly: exit 0, no traceback or "Socket closed" line
+    from any worker (the chief used to leave while the other worker's preemption watcher and coordination-service
+    threads still talked to it), and the launcher returns within 15 s of the results being written."""
+    model_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tfscale.launch", "--num_workers", "2", "--grace_seconds", "30", "--",
+               sys.executable, TRAIN, "--dataset=imagenet", f"--data_dir={tiny_records}", f"--model_dir={model_dir}",
+               "--epochs=1", "--warmup_epochs=0", "--model=resnet8", "--image_size=28", "--global_batch_size=16",
+               "--num_classes=10", "--steps_per_epoch=4"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "Socket closed" not in out, out[-6000:]
+    assert ended - os.path.getmtime(model_dir / "results.json") < 15, out[-3000:]

@@ -126,3 +126,19 @@ def test_sigterm_through_tf_preemption_handler_backs_up_a_step_and_resume_matche
 def test_preemption_callback_needs_a_safe_backup():
     with pytest.raises(TypeError, match="backup"):
         training.PreemptionCallback(keras.callbacks.BackupAndRestore("/tmp/x"))
+
+
+def test_close_stops_the_handler_once_and_the_callback_is_spent(tmp_path):
+    """close() (called on every worker before it leaves the cluster) is idempotent; a closed callback refuses to
+    train again instead of silently not watching for SIGTERM."""
+    import signal
+
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = training.PreemptionCallback(training.SafeBackupAndRestore(str(tmp_path / "backup")))
+        stop.close()
+        stop.close()
+        with pytest.raises(RuntimeError, match="close"):
+            stop.on_train_batch_end(0)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)

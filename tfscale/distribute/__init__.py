@@ -59,6 +59,7 @@ _EXPORTS = {
     "factor_grid": "topology",
     "get_cross_device_ops": "handle",
     "in_multi_worker_environment": "multi_worker",
+    "leave_cluster": "multi_worker",
     "node_groups": "topology",
     "pack": "packing",
     "parse_grid_shape": "topology",

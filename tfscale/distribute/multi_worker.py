@@ -8,6 +8,8 @@ algorithm, applies the Keras 3 multi-worker ``fit`` fixes and gives the strategy
 """
 
 import os
+import sys
+import time
 
 import tensorflow as tf
 
@@ -23,7 +25,7 @@ from tfscale.distribute.collective import DEFAULT_TIMEOUT_SECONDS
 from tfscale.distribute.collective import MULTI_WORKER_BYTES_PER_PACK
 from tfscale.distribute.collective import MultiWorkerAllReduce
 
-__all__ = ["create_multi_worker_strategy", "in_multi_worker_environment", "use_all_reduce"]
+__all__ = ["create_multi_worker_strategy", "in_multi_worker_environment", "leave_cluster", "use_all_reduce"]
 
 _KEY_STRIDE = 1_000_000  # group keys per strategy; far above MWMS's own (1, 2, ...)
 _STRATEGIES_CREATED = [0]
@@ -314,3 +316,52 @@ def use_all_reduce(strategy, all_reduce):
         handle.all_reduce = all_reduce
 
 
+
+
+def leave_cluster(strategy, timeout_seconds=60.0, chief_grace_seconds=1.0):
+    """Every worker waits for the others at the end of a job, and the chief leaves last.
+
+    Without it, a chief that finishes first (it exits while a peer still evaluates, or right after writing its
+    results) takes the cluster's coordination service with it, and every other worker prints TensorFlow's
+    "Socket closed" / heartbeat error tracebacks from its background threads after a successful run. With it, all
+    workers meet at a barrier of the coordination service; then the chief waits `chief_grace_seconds` so that the
+    others, which have nothing left to do, exit before it. Stop every other user of the coordination service first
+    (`tfscale.training.PreemptionCallback.close`).
+
+    A no-op (returns True at once) for a one-process strategy.
+
+    Args:
+      strategy: the job's `tf.distribute.Strategy` (an MWMS from `create_multi_worker_strategy`/`create_strategy`,
+        or any one-process strategy).
+      timeout_seconds: float > 0, seconds to wait at the barrier for the slowest worker; default 60.
+      chief_grace_seconds: float >= 0, seconds the chief waits after the barrier; default 1.
+
+    Returns:
+      bool: True when every worker arrived; False when the barrier failed or timed out (a one-line warning on
+      stderr names the error; the job's own results are not affected, so nothing is raised).
+
+    Raises:
+      ValueError: if `timeout_seconds` <= 0 or `chief_grace_seconds` < 0.
+    """
+    if not timeout_seconds or timeout_seconds <= 0:
+        raise ValueError(f"Argument `timeout_seconds` must be > 0. Received: timeout_seconds={timeout_seconds!r}")
+    if chief_grace_seconds is None or chief_grace_seconds < 0:
+        raise ValueError("Argument `chief_grace_seconds` must be >= 0. "
+                         f"Received: chief_grace_seconds={chief_grace_seconds!r}")
+    if (not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            or _tf_compat.num_workers(strategy) <= 1):
+        return True
+    handle = handle_lib.strategy_handle(strategy)
+    rank = getattr(handle, "worker_rank", None)
+    if rank is None:
+        rank = _worker_rank(strategy.cluster_resolver)
+    try:
+        _tf_compat.wait_at_barrier("tfscale_leave_cluster", timeout_seconds)
+    except tf.errors.OpError as err:
+        first_line = (err.message or type(err).__name__).strip().splitlines()[0][:300]
+        print(f"WARNING: worker {rank}: not every worker reached the end of the job within {timeout_seconds:g} s "
+              f"({type(err).__name__}: {first_line}); leaving anyway.", file=sys.stderr, flush=True)
+        return False
+    if rank == 0:
+        time.sleep(chief_grace_seconds)
+    return True

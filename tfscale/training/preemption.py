@@ -27,6 +27,7 @@ import os
 import keras
 import tensorflow as tf
 
+from tfscale import _tf_compat
 from tfscale.training.backup import SafeBackupAndRestore
 
 __all__ = ["PreemptionCallback"]
@@ -70,6 +71,13 @@ class PreemptionCallback(keras.callbacks.Callback):
             cluster_resolver if cluster_resolver is not None and cluster_resolver.cluster_spec().jobs else None,
             manager, termination_config=config)
 
+    def close(self):
+        """Stops the handler's watcher threads (idempotent). Call it on every worker once training is over and
+        before the process exits, so that no watcher is left waiting on a coordination service that is gone."""
+        if self._handler is not None:
+            _tf_compat.stop_preemption_watchers(self._handler)
+            self._handler = None
+
     def _save(self):
         self.stopped = self.backup.back_up_current_step()
 
@@ -77,5 +85,7 @@ class PreemptionCallback(keras.callbacks.Callback):
         raise self.stopped
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._handler is None:
+            raise RuntimeError("PreemptionCallback.close() was called; create a new one to train again.")
         # Every worker calls this once per step: the handler counts the calls to agree on the step to save at.
         self._handler.save_checkpoint_if_preempted()
