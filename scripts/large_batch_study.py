@@ -120,6 +120,9 @@ DEFAULT_ABLATIONS = (
     "lr2x_cosine_warmup5: --base_lr=1.25 --lr_schedule=warmup_cosine --warmup_epochs=5",
     "lr4x_cosine: --base_lr=2.5 --lr_schedule=warmup_cosine",
     "lr2x_cosine_ls0: --base_lr=1.25 --lr_schedule=warmup_cosine --label_smoothing=0",
+    # Twice the trust coefficient: the weights' step doubles again while BN parameters and biases (trust 1, MLPerf's
+    # skip list) stay at peak LR 20 (lr4x_cosine, which doubles both, stopped learning by epoch 3 in a partial run).
+    "lr2x_cosine_eta2x: --base_lr=1.25 --lr_schedule=warmup_cosine --lars_eta=0.002",
 )
 #: train.py flags an ablation may not set (the study sets them per cell; the variant is of --ablation_recipe).
 ABLATION_CONTROLLED_FLAGS = ("model_dir", "global_batch_size", "batch_schedule", "epochs", "seed",

@@ -139,14 +139,14 @@ def _small(fake, *extra):
 
 def test_dry_run_prints_the_default_grid_and_runs_nothing(tmp_path):
     """The default grid through the real train.py's resolve_config: 25 grid cells, the 2E check, 2 baseline seeds,
-    7 ablations of mlperf at 4096, 3 tuning LRs x 5 recipes at 8192, 2 seeds of the best at 4096; commands and the
+    8 ablations of mlperf at 4096, 3 tuning LRs x 5 recipes at 8192, 2 seeds of the best at 4096; commands and the
     estimate; nothing written."""
     study_dir = tmp_path / "study"
     proc = _study(["--dry_run", f"--study_dir={study_dir}", f"--doc_path={tmp_path / 'doc.md'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     ids = re.findall(r"^\s*\d+\. (\S+)", out, re.M)
-    assert len(ids) == 52 and len(set(ids)) == 52
+    assert len(ids) == 53 and len(set(ids)) == 53
     for batch in (256, 1024, 2048, 4096, 8192):
         for recipe in ("naive", "goyal", "mlperf", "mikami", "akiba"):
             assert f"b{batch}-{recipe}-e30-s0" in ids
@@ -156,7 +156,8 @@ def test_dry_run_prints_the_default_grid_and_runs_nothing(tmp_path):
     assert [i for i in ids if "+" in i] == ["b4096-mlperf+lr2x-e30-s0", "b4096-mlperf+cosine-e30-s0",
                                             "b4096-mlperf+warmup5-e30-s0", "b4096-mlperf+lr2x_cosine-e30-s0",
                                             "b4096-mlperf+lr2x_cosine_warmup5-e30-s0",
-                                            "b4096-mlperf+lr4x_cosine-e30-s0", "b4096-mlperf+lr2x_cosine_ls0-e30-s0"]
+                                            "b4096-mlperf+lr4x_cosine-e30-s0", "b4096-mlperf+lr2x_cosine_ls0-e30-s0",
+                                            "b4096-mlperf+lr2x_cosine_eta2x-e30-s0"]
     assert re.search(r"b4096-mlperf\+lr2x-e30-s0 +ablation +peak LR 20 ", out)  # resolved by train.py
     assert "--eval_every_epochs=1 --recipe=mlperf --warmup_epochs=5\n" in out
     # Each cell is a train.py command with its own model_dir; the recipes map to train.py's flags.
@@ -169,7 +170,7 @@ def test_dry_run_prints_the_default_grid_and_runs_nothing(tmp_path):
     assert re.search(r"b8192-naive-lr0\.25x-e30-s0 .*peak LR 3\.2 ", out)
     assert "b8192-naive-lr0.25x-e30-s0 --global_batch_size=8192" in out and "--base_lr=0.1\n" in out
     assert "--recipe=mlperf --base_lr=0.15625" in out
-    match = re.search(r"Estimated wall time: ([0-9.]+) h .* for 52 cells \(over the 6 h target\)", out)
+    match = re.search(r"Estimated wall time: ([0-9.]+) h .* for 53 cells \(over the 6 h target\)", out)
     assert match and float(match.group(1)) > 6
     assert not study_dir.exists() and not (tmp_path / "doc.md").exists()
 
