@@ -37,7 +37,7 @@ def define_flags():
         flags.DEFINE_string(name, None, "")
     for name in ("global_batch_size", "epochs", "seed", "eval_every_epochs", "steps_per_epoch"):
         flags.DEFINE_integer(name, None, "")
-    for name in ("base_lr", "warmup_epochs"):
+    for name in ("base_lr", "warmup_epochs", "lars_eta", "label_smoothing"):
         flags.DEFINE_float(name, None, "")
 
 
