@@ -316,8 +316,6 @@ def use_all_reduce(strategy, all_reduce):
         handle.all_reduce = all_reduce
 
 
-
-
 def leave_cluster(strategy, timeout_seconds=60.0, chief_grace_seconds=1.0):
     """Every worker waits for the others at the end of a job, and the chief leaves last.
 
@@ -328,7 +326,7 @@ def leave_cluster(strategy, timeout_seconds=60.0, chief_grace_seconds=1.0):
     others, which have nothing left to do, exit before it. Stop every other user of the coordination service first
     (`tfscale.training.PreemptionCallback.close`).
 
-    A no-op (returns True at once) for a one-process strategy.
+    A no-op (returns True at once) for a one-process strategy. Call it once per process, at the end.
 
     Args:
       strategy: the job's `tf.distribute.Strategy` (an MWMS from `create_multi_worker_strategy`/`create_strategy`,
