@@ -16,6 +16,7 @@ import tensorflow as tf
 from tfscale import _tf_compat
 from tfscale.distribute import algorithms
 from tfscale.distribute import cluster as cluster_lib
+from tfscale.distribute import failures as failures_lib
 from tfscale.distribute import handle as handle_lib
 from tfscale.distribute import packing
 from tfscale.distribute import validation
@@ -356,9 +357,9 @@ def leave_cluster(strategy, timeout_seconds=60.0, chief_grace_seconds=1.0):
     try:
         _tf_compat.wait_at_barrier("tfscale_leave_cluster", timeout_seconds)
     except tf.errors.OpError as err:
-        first_line = (err.message or type(err).__name__).strip().splitlines()[0][:300]
         print(f"WARNING: worker {rank}: not every worker reached the end of the job within {timeout_seconds:g} s "
-              f"({type(err).__name__}: {first_line}); leaving anyway.", file=sys.stderr, flush=True)
+              f"({type(err).__name__}: {failures_lib._summarize_error(err)}); leaving anyway.", file=sys.stderr,
+              flush=True)
         return False
     if rank == 0:
         time.sleep(chief_grace_seconds)
